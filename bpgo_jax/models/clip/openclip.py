@@ -1,0 +1,183 @@
+"""OpenCLIP checkpoints (e.g. HPSv2's ViT-H-14) loaded into our `CLIPModel`.
+
+OpenCLIP stores fused attention `in_proj_weight` `[3D, D]`, projections as
+`x @ proj` matrices and its own names. `OpenClipReader` presents such a file
+under transformers names and layouts (splitting q/k/v, transposing the
+projections), so the transformers loader does the rest. The architecture is
+read from tensor shapes; only head counts are not visible in shapes and come
+from OpenCLIP's model configs (`_VISION_HEAD_WIDTH`) unless given.
+
+HPSv2 ships a pickle (`HPS_v2_compressed.pt`, a dict with `state_dict`);
+convert it once, where torch is installed:
+
+    sd = torch.load("HPS_v2_compressed.pt", map_location="cpu", weights_only=True)
+    sd = sd.get("state_dict", sd)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, "hpsv2.safetensors")
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from bpgo_jax.models.clip.config import ClipConfig, TextConfig, VisionConfig
+from bpgo_jax.models.clip.convert import ShardingFn, load_params
+from bpgo_jax.models.clip.loaders import clip_module_and_shapes
+from bpgo_jax.models.clip.modules import CLIPModel
+from bpgo_jax.models.clip.weights import TensorReader, open_tensors
+
+# OpenCLIP vision towers use 64-wide heads except these (ViT-H, ViT-g, ViT-bigG).
+_VISION_HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
+_TEXT_HEAD_WIDTH = 64
+
+_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+_DIRECT = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "logit_scale": "logit_scale",
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+}
+_TRANSPOSED = {
+    "text_projection": "text_projection.weight",
+    "visual.proj": "visual_projection.weight",
+}
+_RESBLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
+_IN_PROJ = re.compile(r"^attn\.in_proj_(weight|bias)$")
+_PARAM = re.compile(r"^(.+)\.(weight|bias)$")
+
+Getter = Callable[[], np.ndarray]
+
+
+class OpenClipReader:
+    """An OpenCLIP state dict seen through transformers names (a `TensorReader`)."""
+
+    def __init__(self, reader: TensorReader):
+        self.source = f"{reader.source} (OpenCLIP layout)"
+        self._reader = reader
+        self.raw: dict[str, str] = {}  # stripped OpenCLIP name -> stored name
+        self._get: dict[str, Getter] = {}
+        for stored in reader:
+            name = stored.removeprefix("module.")  # saved from DistributedDataParallel
+            if name.endswith("attn_mask"):
+                continue  # a causal-mask buffer, not a weight
+            self.raw[name] = stored
+            self._add(name, lambda s=stored: reader.get(s))
+
+    def _add(self, name: str, get: Getter) -> None:
+        if name in _DIRECT:
+            self._get[_DIRECT[name]] = get
+        elif name in _TRANSPOSED:  # `x @ proj` [in, out] -> torch Linear [out, in]
+            self._get[_TRANSPOSED[name]] = lambda: get().T
+        elif m := _RESBLOCK.match(name):
+            tower = "vision_model" if m[1] else "text_model"
+            prefix = f"{tower}.encoder.layers.{m[2]}"
+            if in_proj := _IN_PROJ.match(m[3]):  # fused [q; k; v] rows
+                for i, qkv in enumerate(("q_proj", "k_proj", "v_proj")):
+                    key = f"{prefix}.self_attn.{qkv}.{in_proj[1]}"
+                    self._get[key] = lambda i=i: np.split(get(), 3, axis=0)[i]
+            elif (p := _PARAM.match(m[3])) and p[1] in _BLOCK:
+                self._get[f"{prefix}.{_BLOCK[p[1]]}.{p[2]}"] = get
+            else:
+                raise ValueError(f"unexpected tensor {name!r} in {self.source}")
+        else:
+            raise ValueError(f"unexpected tensor {name!r} in {self.source}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._get
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._get:
+            raise ValueError(f"missing tensor {name!r} in {self.source}")
+        return self._get[name]()
+
+    def shape(self, openclip_name: str) -> tuple[int, ...]:
+        """Shape of a tensor by its OpenCLIP name, in the OpenCLIP layout."""
+        if openclip_name not in self.raw:
+            raise ValueError(f"missing tensor {openclip_name!r} in {self.source}")
+        return self._reader.shape(self.raw[openclip_name])
+
+    def num_layers(self, prefix: str) -> int:
+        pattern = re.compile(rf"^{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
+        return len({m[1] for name in self.raw if (m := pattern.match(name))})
+
+
+def openclip_config(
+    reader: OpenClipReader,
+    *,
+    text_heads: int | None = None,
+    vision_heads: int | None = None,
+    hidden_act: str = "gelu",
+) -> ClipConfig:
+    """The architecture, read from tensor shapes (heads from OpenCLIP's configs)."""
+    vocab, text_width = reader.shape("token_embedding.weight")
+    context = reader.shape("positional_embedding")[0]
+    proj_dim = reader.shape("text_projection")[1]  # `x @ text_projection`: [in, out]
+    width, channels, patch, _ = reader.shape("visual.conv1.weight")
+    grid = round((reader.shape("visual.positional_embedding")[0] - 1) ** 0.5)
+    text = TextConfig(
+        vocab_size=vocab,
+        hidden_size=text_width,
+        intermediate_size=reader.shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
+        num_hidden_layers=reader.num_layers(""),
+        num_attention_heads=text_heads or text_width // _TEXT_HEAD_WIDTH,
+        max_position_embeddings=context,
+        hidden_act=hidden_act,
+        eos_token_id=None,  # OpenCLIP pools at the argmax token id (EOT)
+        projection_dim=proj_dim,
+    )
+    vision = VisionConfig(
+        hidden_size=width,
+        intermediate_size=reader.shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0],
+        num_hidden_layers=reader.num_layers("visual."),
+        num_attention_heads=vision_heads or width // _VISION_HEAD_WIDTH.get(width, 64),
+        num_channels=channels,
+        image_size=grid * patch,
+        patch_size=patch,
+        hidden_act=hidden_act,
+        projection_dim=proj_dim,
+    )
+    return ClipConfig(text=text, vision=vision, projection_dim=proj_dim)
+
+
+def load_openclip(
+    path: str,
+    *,
+    text_heads: int | None = None,
+    vision_heads: int | None = None,
+    hidden_act: str = "gelu",
+    dtype: Any = jnp.float32,
+    sharding_fn: ShardingFn | None = None,
+) -> tuple[CLIPModel, dict]:
+    """An OpenCLIP `.safetensors` state dict -> our `CLIPModel` and its params.
+
+    `hidden_act` is "gelu" for LAION-trained models, "quick_gelu" for OpenAI's.
+    """
+    with open_tensors(path) as raw:
+        reader = OpenClipReader(raw)
+        cfg = openclip_config(
+            reader, text_heads=text_heads, vision_heads=vision_heads, hidden_act=hidden_act
+        )
+        module, expected = clip_module_and_shapes(cfg, dtype)
+        params = load_params(reader, expected, dtype=dtype, sharding_fn=sharding_fn)
+    return module, params

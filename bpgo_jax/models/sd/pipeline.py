@@ -1,0 +1,289 @@
+"""Stable Diffusion as a `DiffusionModel`: pure functions over (trainable, frozen) pytrees.
+
+trainable = {"unet": params}, or {"lora": factors} when LoRA is configured
+(the UNet base weights then sit in frozen["unet"]); frozen also holds
+{"text": CLIP text params, "vae": autoencoder params}. The same functions
+serve weights loaded from a diffusers folder and a randomly initialised model
+built from config dicts (tests, throughput runs without weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bpgo_jax.models import lora as lora_lib
+from bpgo_jax.models.clip import CLIPTextModel
+from bpgo_jax.models.clip.config import text_config_from_dict
+from bpgo_jax.models.interface import DiffusionModel
+from bpgo_jax.models.sd import loader
+from bpgo_jax.models.sd.config import unet_config_from_dict, vae_config_from_dict
+from bpgo_jax.models.sd.presets import preset
+from bpgo_jax.models.sd.scheduler import Scheduler, scheduler_from_dict
+from bpgo_jax.models.sd.unet import UNet2DConditionModel
+from bpgo_jax.models.sd.vae import AutoencoderKL
+from bpgo_jax.models.text import HashTokenizer
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = lora_lib.SD_ATTENTION_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
+class SDModules:
+    """The Flax modules and host-side pieces one SD model is made of."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text: CLIPTextModel
+    scheduler: Scheduler
+    tokenize: Callable[[Sequence[str]], np.ndarray]
+
+
+def clip_tokenizer(folder: str, max_length: int) -> Callable[[Sequence[str]], np.ndarray]:
+    """transformers' CLIPTokenizer from a `tokenizer/` folder, padded to `max_length`."""
+    import transformers  # host-only dependency, needed only for real checkpoints
+
+    tok = transformers.CLIPTokenizer.from_pretrained(folder)
+
+    def tokenize(prompts: Sequence[str]) -> np.ndarray:
+        ids = tok(
+            list(prompts),
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            return_tensors="np",
+        )["input_ids"]
+        return ids.astype(np.int32)
+
+    return tokenize
+
+
+def modules_from_configs(configs: dict, dtype: Any = jnp.float32) -> SDModules:
+    """Modules from `{"unet", "vae", "text_encoder", "scheduler"[, "tokenizer"]}` config dicts.
+
+    "tokenizer" (optional) is a tokenizer folder; without it a hash tokenizer
+    over the text encoder's vocabulary stands in (random models only).
+    """
+    for key in ("unet", "vae", "text_encoder", "scheduler"):
+        if key not in configs:
+            raise ValueError(f"SD configs lack the {key!r} config dict")
+    text_cfg = text_config_from_dict(dict(configs["text_encoder"]))
+    tok_path = configs.get("tokenizer")
+    if tok_path:
+        tokenize = clip_tokenizer(tok_path, text_cfg.max_position_embeddings)
+    else:
+        tokenize = HashTokenizer(text_cfg.vocab_size, text_cfg.max_position_embeddings)
+    return SDModules(
+        unet=UNet2DConditionModel(unet_config_from_dict(dict(configs["unet"])), dtype),
+        vae=AutoencoderKL(vae_config_from_dict(dict(configs["vae"])), dtype),
+        text=CLIPTextModel(text_cfg, with_projection=False, dtype=dtype),
+        scheduler=scheduler_from_dict(dict(configs["scheduler"])),
+        tokenize=tokenize,
+    )
+
+
+def _check_compatible(m: SDModules) -> None:
+    u, v, t = m.unet.cfg, m.vae.cfg, m.text.cfg
+    if t.hidden_size != u.cross_attention_dim[0] or len(set(u.cross_attention_dim)) != 1:
+        raise ValueError(
+            f"unet cross_attention_dim={u.cross_attention_dim} does not match the text "
+            f"encoder hidden_size={t.hidden_size}"
+        )
+    if v.latent_channels != u.in_channels or u.in_channels != u.out_channels:
+        raise ValueError(
+            f"vae latent_channels={v.latent_channels} does not match unet "
+            f"in/out_channels={u.in_channels}/{u.out_channels}"
+        )
+
+
+def build_model(
+    m: SDModules, *, resolution: int | None = None, lora: LoraSpec | None = None
+) -> DiffusionModel:
+    """The `DiffusionModel` of modules `m` at image size `resolution` (default: native)."""
+    _check_compatible(m)
+    u, v = m.unet.cfg, m.vae.cfg
+    size = resolution or u.sample_size * v.downscale
+    multiple = v.downscale * 2**u.num_upsamplers
+    if size % multiple:
+        raise ValueError(f"resolution={size} must be a multiple of {multiple} for this model")
+    latent_shape = (size // v.downscale, size // v.downscale, u.in_channels)
+    dtype = m.unet.dtype
+    tokens0 = jnp.zeros((1, m.text.cfg.max_position_embeddings), jnp.int32)
+
+    def unet_params(trainable: Params, frozen: Params) -> Params:
+        if lora is None:
+            return trainable["unet"]
+        return lora_lib.merge(frozen["unet"], trainable["lora"], alpha=lora.alpha, rank=lora.rank)
+
+    def encode_text(frozen: Params, tokens: jax.Array) -> jax.Array:
+        hidden, _ = m.text.apply({"params": frozen["text"]}, tokens)
+        return hidden.astype(jnp.float32)
+
+    def predict(trainable, frozen, x, t, cond):
+        return m.unet.apply({"params": unet_params(trainable, frozen)}, x, t, cond)
+
+    def decode(frozen: Params, latents: jax.Array) -> jax.Array:
+        z = latents.astype(jnp.float32) / v.scaling_factor
+        if v.shift_factor is not None:
+            z = z + v.shift_factor
+        images = m.vae.apply({"params": frozen["vae"]}, z, method="decode")
+        return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)
+
+    def init(rng: jax.Array) -> tuple[Params, Params]:
+        k_text, k_unet, k_vae, k_lora = jax.random.split(rng, 4)
+        unet = random_params(m.unet, k_unet, dtype, *loader.unet_inputs(u))
+        frozen = {
+            "text": random_params(m.text, k_text, dtype, tokens0),
+            "vae": random_params(m.vae, k_vae, dtype, *loader.vae_inputs(v)),
+        }
+        return split_params(unet, frozen, lora, k_lora)
+
+    return DiffusionModel(
+        name="sd",
+        latent_shape=latent_shape,
+        prediction_type=m.scheduler.prediction_type,
+        tokenize=m.tokenize,
+        encode_text=encode_text,
+        predict=predict,
+        decode=decode,
+        init=init,
+        scheduler_config=m.scheduler.to_dict(),
+    )
+
+
+def random_params(module: nn.Module, rng: jax.Array, dtype: Any, *inputs: Any) -> Params:
+    """Random weights for `module` drawn on the host, leaf by leaf.
+
+    Only shapes are traced (`eval_shape`); drawing with numpy avoids compiling
+    flax's init graph, which for a UNet costs far more than the forward pass.
+    Kernels ~ N(0, 1/fan_in) (LeCun), biases 0, norm scales 1, embeddings N(0, 0.02^2).
+    """
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
+    data = rng if rng.dtype == jnp.uint32 else jax.random.key_data(rng)
+    gen = np.random.default_rng(np.asarray(data).ravel().tolist())
+
+    def draw(path, leaf):
+        name, shape = path[-1].key, leaf.shape
+        if name == "bias":
+            arr = np.zeros(shape, np.float32)
+        elif name == "scale":
+            arr = np.ones(shape, np.float32)
+        elif name == "kernel":
+            fan_in = int(np.prod(shape[:-1]))
+            arr = gen.standard_normal(shape, np.float32) / np.float32(np.sqrt(fan_in))
+        else:
+            arr = gen.standard_normal(shape, np.float32) * np.float32(0.02)
+        return jax.device_put(arr.astype(jnp.dtype(dtype)))
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def split_params(
+    unet: Params, frozen: Params, lora: LoraSpec | None, rng: jax.Array
+) -> tuple[Params, Params]:
+    """`(trainable, frozen)`: the UNet is trainable, or LoRA factors over a frozen UNet."""
+    if lora is None:
+        return {"unet": unet}, dict(frozen)
+    factors = lora_lib.init_lora(
+        unet, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, rng=rng
+    )
+    return {"lora": factors}, {**frozen, "unet": unet}
+
+
+def sd_model(
+    source: str | dict,
+    *,
+    rng: jax.Array | None = None,
+    dtype: Any = jnp.float32,
+    resolution: int | None = None,
+    lora: LoraSpec | None = None,
+    sharding_fn=None,
+    variant: str | None = None,
+    scheduler_overrides: dict | None = None,
+) -> tuple[DiffusionModel, Params, Params]:
+    """`(model, trainable, frozen)` from a diffusers folder or from config dicts.
+
+    A folder loads its weights (see `loader.load_sd`); config dicts
+    (`{"unet", "vae", "text_encoder", "scheduler"}`, e.g. `presets.preset("sd15")`)
+    give random weights from `rng`. `rng` also seeds the LoRA factors.
+    `scheduler_overrides` (e.g. `{"prediction_type": "v_prediction"}`) replace
+    keys of the schedule read from the source.
+    """
+    rng = jax.random.key(0) if rng is None else rng
+    if isinstance(source, str):
+        ckpt = loader.load_sd(source, dtype=dtype, sharding_fn=sharding_fn, variant=variant)
+        mods = SDModules(
+            unet=ckpt.unet,
+            vae=ckpt.vae,
+            text=ckpt.text,
+            scheduler=ckpt.scheduler,
+            tokenize=clip_tokenizer(ckpt.tokenizer_path, ckpt.text.cfg.max_position_embeddings),
+        )
+        params = ckpt.params
+    else:
+        mods, params = modules_from_configs(source, dtype), None
+    if scheduler_overrides:
+        schedule = scheduler_from_dict({**mods.scheduler.to_dict(), **scheduler_overrides})
+        mods = dataclasses.replace(mods, scheduler=schedule)
+    model = build_model(mods, resolution=resolution, lora=lora)
+    if params is None:
+        trainable, frozen = model.init(rng)
+    else:
+        frozen = {"text": params["text"], "vae": params["vae"]}
+        trainable, frozen = split_params(params["unet"], frozen, lora, rng)
+    return model, trainable, frozen
+
+
+def sd_from_config(
+    cfg: ml_collections.ConfigDict, rng: jax.Array
+) -> tuple[DiffusionModel, Params, Params]:
+    """`config.model` with name="sd" -> `(model, trainable, frozen)`.
+
+    Fields: `init` ("random" or a diffusers folder), `dtype` ("float32" /
+    "bfloat16"), optional `preset` ("sd15", "sd21", "tiny"; random init),
+    optional `unet` / `vae` / `text_encoder` dicts overriding preset keys,
+    optional `scheduler` dict overriding the schedule (random or loaded),
+    optional `resolution`, optional `variant`, and optional
+    `lora` = {rank, alpha (default rank), targets (default: attention projections)}.
+    `config.model.prediction_type` is not read: it comes from the schedule.
+    """
+    dtype = jnp.bfloat16 if cfg.get("dtype", "float32") == "bfloat16" else jnp.float32
+    lora_cfg = cfg.get("lora", None)
+    lora = None
+    if lora_cfg and lora_cfg.get("rank", 0):
+        targets = tuple(lora_cfg.get("targets", None) or lora_lib.SD_ATTENTION_TARGETS)
+        lora = LoraSpec(
+            int(lora_cfg["rank"]), float(lora_cfg.get("alpha", lora_cfg["rank"])), targets
+        )
+    kw = dict(
+        rng=rng,
+        dtype=dtype,
+        resolution=cfg.get("resolution", None),
+        lora=lora,
+        scheduler_overrides=dict(cfg.get("scheduler", None) or {}),
+    )
+    init = cfg.get("init", "random")
+    if init != "random":
+        if not os.path.isdir(init):
+            raise ValueError(
+                f"config.model.init={init!r} is neither 'random' nor a diffusers folder"
+            )
+        return sd_model(init, variant=cfg.get("variant", None), **kw)
+    configs = preset(cfg.get("preset", "tiny"))
+    for key in ("unet", "vae", "text_encoder"):
+        configs[key].update(dict(cfg.get(key, None) or {}))
+    return sd_model(configs, **kw)

@@ -1,0 +1,195 @@
+"""A small pixel-space text-conditional UNet: the built-in model family.
+
+Small enough to pre-train and post-train on a laptop CPU, yet the same kind of
+network as the real ones (ResNet blocks with timestep embedding, cross-attention
+to a transformer text encoder), so the engine is exercised as it will be with
+Stable Diffusion. Images are their own latents: `decode` maps [-1, 1] to [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from bpgo_jax.models.interface import DiffusionModel
+from bpgo_jax.models.text import HashTokenizer
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+    """Sinusoidal embedding of (float) model timesteps, [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TextEncoder(nn.Module):
+    """Token + position embeddings and a few pre-LN transformer layers."""
+
+    vocab_size: int
+    max_length: int
+    width: int
+    depth: int
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        mask = tokens != 0
+        x = nn.Embed(self.vocab_size, self.width, name="token_embedding")(tokens)
+        pos = self.param(
+            "position_embedding", nn.initializers.normal(0.02), (self.max_length, self.width)
+        )
+        x = (x + pos[None, : tokens.shape[1]]).astype(self.dtype)
+        attn_mask = nn.make_attention_mask(mask, mask)
+        for i in range(self.depth):
+            h = nn.LayerNorm(dtype=self.dtype, name=f"ln_attn_{i}")(x)
+            x = x + nn.MultiHeadDotProductAttention(
+                self.heads, dtype=self.dtype, name=f"attn_{i}"
+            )(h, h, mask=attn_mask)
+            h = nn.LayerNorm(dtype=self.dtype, name=f"ln_mlp_{i}")(x)
+            h = nn.Dense(4 * self.width, dtype=self.dtype, name=f"mlp_in_{i}")(h)
+            x = x + nn.Dense(self.width, dtype=self.dtype, name=f"mlp_out_{i}")(nn.gelu(h))
+        return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x).astype(jnp.float32)
+
+
+class ResBlock(nn.Module):
+    channels: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        groups = min(8, self.channels)
+        h = nn.silu(nn.GroupNorm(groups, dtype=self.dtype)(x))
+        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype)(h)
+        h = h + nn.Dense(self.channels, dtype=self.dtype)(nn.silu(temb))[:, None, None]
+        h = nn.silu(nn.GroupNorm(groups, dtype=self.dtype)(h))
+        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype)(h)
+        if x.shape[-1] != self.channels:
+            x = nn.Conv(self.channels, (1, 1), dtype=self.dtype, name="skip")(x)
+        return x + h
+
+
+class CrossAttention(nn.Module):
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array) -> jax.Array:
+        b, hh, ww, c = x.shape
+        groups = min(8, c)
+        h = nn.GroupNorm(groups, dtype=self.dtype)(x).reshape(b, hh * ww, c)
+        h = h + nn.MultiHeadDotProductAttention(self.heads, dtype=self.dtype, name="self_attn")(
+            h, h
+        )
+        mask = nn.make_attention_mask(jnp.ones((b, hh * ww), bool), context_mask)
+        h = h + nn.MultiHeadDotProductAttention(self.heads, dtype=self.dtype, name="cross_attn")(
+            nn.LayerNorm(dtype=self.dtype)(h), context.astype(self.dtype), mask=mask
+        )
+        return x + nn.Dense(c, dtype=self.dtype, name="proj_out")(h).reshape(b, hh, ww, c)
+
+
+class TinyUNet(nn.Module):
+    """UNet over NHWC images; cross-attention at the resolutions in `attn_levels`."""
+
+    channels: Sequence[int] = (32, 64, 64)
+    attn_levels: Sequence[int] = (1, 2)
+    heads: int = 4
+    out_channels: int = 3
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, t, context, context_mask):
+        temb = timestep_embedding(t, self.channels[0])
+        temb = nn.Dense(4 * self.channels[0], dtype=self.dtype)(temb)
+        temb = nn.Dense(4 * self.channels[0], dtype=self.dtype)(nn.silu(temb))
+        pooled = (context * context_mask[..., None]).sum(1) / jnp.maximum(
+            context_mask.sum(1, keepdims=True), 1
+        )
+        temb = temb + nn.Dense(4 * self.channels[0], dtype=self.dtype, name="text_pool")(pooled)
+
+        h = nn.Conv(self.channels[0], (3, 3), dtype=self.dtype, name="conv_in")(
+            x.astype(self.dtype)
+        )
+        skips = []
+        for level, ch in enumerate(self.channels):
+            h = ResBlock(ch, self.dtype, name=f"down_{level}")(h, temb)
+            if level in self.attn_levels:
+                h = CrossAttention(self.heads, self.dtype, name=f"down_attn_{level}")(
+                    h, context, context_mask
+                )
+            skips.append(h)
+            if level < len(self.channels) - 1:
+                h = nn.Conv(ch, (3, 3), strides=(2, 2), dtype=self.dtype, name=f"pool_{level}")(h)
+        h = ResBlock(self.channels[-1], self.dtype, name="mid_0")(h, temb)
+        h = CrossAttention(self.heads, self.dtype, name="mid_attn")(h, context, context_mask)
+        h = ResBlock(self.channels[-1], self.dtype, name="mid_1")(h, temb)
+        for level in reversed(range(len(self.channels))):
+            ch = self.channels[level]
+            if level < len(self.channels) - 1:
+                b, hh, ww, c = h.shape
+                h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), "nearest")
+                h = nn.Conv(c, (3, 3), dtype=self.dtype, name=f"upsample_{level}")(h)
+            h = jnp.concatenate([h, skips[level]], axis=-1)
+            h = ResBlock(ch, self.dtype, name=f"up_{level}")(h, temb)
+            if level in self.attn_levels:
+                h = CrossAttention(self.heads, self.dtype, name=f"up_attn_{level}")(
+                    h, context, context_mask
+                )
+        h = nn.silu(nn.GroupNorm(min(8, self.channels[0]), dtype=self.dtype)(h))
+        out = nn.Conv(
+            self.out_channels, (3, 3), kernel_init=nn.initializers.zeros, name="conv_out"
+        )(h)
+        return out.astype(jnp.float32)
+
+
+def tiny_model(cfg: ml_collections.ConfigDict) -> DiffusionModel:
+    """Builds the built-in model from `config.model` (see configs/image.py)."""
+    dtype = jnp.bfloat16 if cfg.get("dtype", "float32") == "bfloat16" else jnp.float32
+    tokenizer = HashTokenizer(cfg.vocab_size, cfg.max_length)
+    text = TextEncoder(
+        cfg.vocab_size, cfg.max_length, cfg.text_width, cfg.text_depth, cfg.heads, dtype
+    )
+    unet = TinyUNet(tuple(cfg.channels), tuple(cfg.attn_levels), cfg.heads, 3, dtype)
+    size = cfg.resolution
+    latent_shape = (size, size, 3)
+
+    def encode_text(frozen, tokens):
+        return {"hidden": text.apply({"params": frozen["text"]}, tokens), "mask": tokens != 0}
+
+    def predict(trainable, frozen, x, t, cond):
+        del frozen
+        return unet.apply({"params": trainable["unet"]}, x, t, cond["hidden"], cond["mask"])
+
+    def decode(frozen, latents):
+        del frozen
+        return jnp.clip((latents.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+    def init(rng):
+        k_text, k_unet = jax.random.split(rng)
+        tokens = jnp.zeros((1, cfg.max_length), jnp.int32).at[:, 0].set(1)
+        text_params = text.init(k_text, tokens)["params"]
+        hidden = text.apply({"params": text_params}, tokens)
+        unet_params = unet.init(
+            k_unet, jnp.zeros((1, *latent_shape)), jnp.zeros((1,)), hidden, tokens != 0
+        )["params"]
+        # The text encoder trains with the UNet during pre-training; during RL
+        # post-training it is frozen like a real model's CLIP.
+        return {"unet": unet_params}, {"text": text_params}
+
+    return DiffusionModel(
+        name="tiny_unet",
+        latent_shape=latent_shape,
+        prediction_type=cfg.prediction_type,
+        tokenize=tokenizer,
+        encode_text=encode_text,
+        predict=predict,
+        decode=decode,
+        init=init,
+        scheduler_config=cfg.get("scheduler", None) and dict(cfg.scheduler),
+    )

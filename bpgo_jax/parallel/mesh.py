@@ -1,0 +1,99 @@
+"""Device mesh and the sharding rules declared in `config.mesh`.
+
+Batch arrays are split over all batch axes (`data` and `fsdp`); parameters are
+placed by the first regex rule that matches their '/'-joined path. A rule's
+spec names one mesh axis (or None) per array dimension; "fsdp_auto" shards the
+largest dimension divisible by the fsdp size, which is what fully-sharded data
+parallelism wants for large models and harmless for small ones.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(shape: Sequence[int], axes: Sequence[str] = BATCH_AXES, devices=None) -> Mesh:
+    """A mesh of `shape` (one -1 entry takes the remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(shape)
+    if len(shape) != len(axes):
+        raise ValueError(f"mesh.shape {tuple(shape)} and mesh.axes {tuple(axes)} differ in length")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh.shape {tuple(shape)} has more than one -1")
+    if -1 in shape:
+        known = int(np.prod([s for s in shape if s != -1]))
+        if len(devices) % known:
+            raise ValueError(f"mesh.shape {tuple(shape)} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(
+            f"mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+            f"{len(devices)} are available"
+        )
+    return Mesh(np.asarray(devices).reshape(shape), tuple(axes))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading axis split over every batch axis, the rest replicated."""
+    return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def path_string(path) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return "/".join(parts)
+
+
+def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh, rules) -> P:
+    for pattern, spec in rules:
+        if not re.fullmatch(pattern, name):
+            continue
+        if spec == "fsdp_auto":
+            size = mesh.shape.get("fsdp", 1)
+            dims = [d for d in np.argsort(shape)[::-1] if shape[d] % size == 0]
+            if size == 1 or not dims:
+                return P()
+            out = [None] * len(shape)
+            out[int(dims[0])] = "fsdp"
+            return P(*out)
+        spec = tuple(spec)[: len(shape)]
+        for dim, axis in enumerate(spec):
+            if axis is not None and shape[dim] % mesh.shape[axis]:
+                raise ValueError(
+                    f"mesh rule {pattern!r} shards dim {dim} of {name} {shape} over "
+                    f"{axis!r} ({mesh.shape[axis]} devices), which does not divide it"
+                )
+        return P(*spec)
+    return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules) -> Any:
+    """NamedSharding for every leaf of `tree` by the config's rules."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, spec_for(path_string(path), np.shape(x), mesh, rules)),
+        tree,
+    )

@@ -1,0 +1,229 @@
+"""Pre-training of the built-in generator: rectified-flow loss on world pairs.
+
+RL post-training needs a base model that already draws the world's scenes
+but often gets the caption wrong, so there is reward signal to learn from.
+This module holds the pure parts of making one: the host-side data batches
+(caption dropout included, so classifier-free guidance works later), the
+jitted flow-matching step over *all* parameters (the text encoder is only
+frozen during RL), and the held-out oracle evaluation with the RL sampler.
+`launch/pretrain.py` drives them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bpgo_jax.models.interface import DiffusionModel
+from bpgo_jax.rollout.samplers import make_sampler, sample
+from bpgo_jax.world import oracle
+from bpgo_jax.world.data import sample_pairs
+
+Params = Any
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+class TrainState(NamedTuple):
+    """Everything the step updates; `params` = {"trainable": ..., "frozen": ...}."""
+
+    params: Params
+    ema: Params  # exponential moving average of `params` (what gets shipped)
+    opt_state: optax.OptState
+    step: jax.Array
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with linear warm-up, cosine decay and global-norm clipping.
+
+    Weight decay skips vectors (biases, norm scales): decaying them only hurts.
+    """
+    warmup = min(cfg.warmup_steps, cfg.steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, warmup, cfg.steps, end_value=cfg.lr * cfg.final_lr_fraction
+    )
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
+    )
+
+
+def init_state(
+    model: DiffusionModel,
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    params: tuple[Params, Params] | None = None,
+) -> TrainState:
+    """Fresh state from random weights, or from `params` = (trainable, frozen) to
+    continue training earlier weights (optimizer moments restart)."""
+    trainable, frozen = params if params is not None else model.init(rng)
+    params = {"trainable": trainable, "frozen": frozen}
+    ema = jax.tree.map(jnp.copy, params)  # own buffers: the step donates both
+    return TrainState(params, ema, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def sample_times(rng: jax.Array, n: int, kind: str) -> jax.Array:
+    """Noise levels s in (0, 1): uniform, or SD3's logit-normal (more mid-range s)."""
+    if kind == "uniform":
+        return jax.random.uniform(rng, (n,), minval=1e-3, maxval=1.0)
+    if kind == "logit_normal":
+        return jax.nn.sigmoid(jax.random.normal(rng, (n,)))
+    raise ValueError(f"time_sampling={kind!r} is not one of {TIME_SAMPLINGS}")
+
+
+def flow_matching_loss(
+    model: DiffusionModel,
+    params: Params,
+    images: jax.Array,
+    tokens: jax.Array,
+    rng: jax.Array,
+    time_sampling: str = "uniform",
+) -> jax.Array:
+    """Rectified-flow loss: regress the velocity `noise - x0` at `x_s = (1-s) x0 + s noise`.
+
+    `images` are latents in [-1, 1]; the model sees timestep `1000 * s`, the
+    convention the flow sampler uses at rollout time.
+    """
+    if model.prediction_type != "flow":
+        raise ValueError(f"pre-training needs a flow model, got {model.prediction_type!r}")
+    k_noise, k_time = jax.random.split(rng)
+    noise = jax.random.normal(k_noise, images.shape, images.dtype)
+    s = sample_times(k_time, images.shape[0], time_sampling)
+    s_b = s.reshape((-1,) + (1,) * (images.ndim - 1))
+    x_s = (1.0 - s_b) * images + s_b * noise
+    cond = model.encode_text(params["frozen"], tokens)
+    velocity = model.predict(params["trainable"], params["frozen"], x_s, 1000.0 * s, cond)
+    return jnp.mean(jnp.square(velocity - (noise - images)))
+
+
+def train_step(
+    model: DiffusionModel,
+    optimizer: optax.GradientTransformation,
+    ema_decay: float,
+    time_sampling: str,
+    state: TrainState,
+    images: jax.Array,
+    tokens: jax.Array,
+    rng: jax.Array,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One AdamW step on the flow loss; the step's noise is `fold_in(rng, step)`."""
+    key = jax.random.fold_in(rng, state.step)
+    loss_fn = functools.partial(flow_matching_loss, model, time_sampling=time_sampling)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, images, tokens, key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = optax.incremental_update(params, state.ema, 1.0 - ema_decay)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return TrainState(params, ema, opt_state, state.step + 1), metrics
+
+
+def make_train_step(
+    model: DiffusionModel,
+    optimizer: optax.GradientTransformation,
+    ema_decay: float = 0.0,
+    time_sampling: str = "uniform",
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """`step(state, images, tokens, rng) -> (state, metrics)`, jitted, state donated."""
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay={ema_decay} must lie in [0, 1)")
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"time_sampling={time_sampling!r} is not one of {TIME_SAMPLINGS}")
+    step = functools.partial(train_step, model, optimizer, ema_decay, time_sampling)
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def drop_captions(captions: Sequence[str], rng: np.random.Generator, p: float) -> list[str]:
+    """Each caption replaced by the empty prompt with probability `p` (for CFG)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"caption_dropout={p} must lie in [0, 1]")
+    keep = rng.random(len(captions)) >= p
+    return [c if k else "" for c, k in zip(captions, keep, strict=True)]
+
+
+def sample_batch(
+    rng: np.random.Generator,
+    batch_size: int,
+    tokenize: Callable[[Sequence[str]], np.ndarray],
+    caption_dropout: float = 0.1,
+    split: str = "train",
+) -> dict[str, np.ndarray]:
+    """World pairs as model inputs: images in [-1, 1] and (possibly dropped) caption ids."""
+    images, captions, _ = sample_pairs(rng, batch_size, split)
+    x = images.astype(np.float32) / 127.5 - 1.0
+    return {"images": x, "tokens": tokenize(drop_captions(captions, rng, caption_dropout))}
+
+
+def make_generate(
+    model: DiffusionModel, sample_cfg: ml_collections.ConfigDict
+) -> Callable[[Params, Params, np.ndarray, jax.Array], jax.Array]:
+    """Jitted `generate(trainable, frozen, tokens, keys) -> images [B, H, W, 3] in [0, 1]`.
+
+    Uses the RL rollout sampler itself, so accuracy measured here is the
+    accuracy RL starts from.
+    """
+    sampler = make_sampler(sample_cfg, model)
+    negative = model.tokenize([sample_cfg.negative_prompt])
+
+    def generate(trainable, frozen, tokens, keys):
+        cond = model.encode_text(frozen, tokens)
+        uncond = model.encode_text(frozen, jnp.asarray(negative))
+        traj = sample(model, sampler, trainable, frozen, cond, uncond, keys)
+        return model.decode(frozen, traj.latents[:, -1])
+
+    return jax.jit(generate)
+
+
+def evaluate_oracle(
+    model: DiffusionModel,
+    trainable: Params,
+    frozen: Params,
+    sample_cfg: ml_collections.ConfigDict,
+    prompts: Sequence[str],
+    constraints: Sequence[Mapping[str, Any]],
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    generate: Callable | None = None,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """(exact-oracle accuracy, per-prompt bools, images) of one sample per prompt.
+
+    Sample i uses key `split(key(seed), N)[i]`, and the sampler's noise depends
+    on that key only, so results do not depend on `batch_size`. The last batch
+    is padded to `batch_size` to avoid a recompile. Pass `generate` (from
+    `make_generate`) to reuse a compiled sampler across calls.
+    """
+    if len(prompts) != len(constraints):
+        raise ValueError(f"{len(prompts)} prompts but {len(constraints)} constraints")
+    if not prompts:
+        raise ValueError("evaluate_oracle needs at least one prompt")
+    generate = generate or make_generate(model, sample_cfg)
+    n = len(prompts)
+    keys = jax.random.split(jax.random.key(seed), n)
+    tokens = model.tokenize(list(prompts))
+    images = []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size).clip(max=n - 1)
+        out = generate(trainable, frozen, tokens[idx], keys[idx])
+        images.append(np.asarray(out)[: min(batch_size, n - start)])
+    images = np.concatenate(images)
+    acc, ok = oracle.accuracy(images, constraints)
+    return acc, ok, images
+
+
+def pick_checkpoint(evals: Sequence[Mapping[str, Any]], max_accuracy: float) -> Mapping[str, Any]:
+    """The last evaluation with `oracle_accuracy <= max_accuracy`, else the first.
+
+    RL needs headroom: a base model that already satisfies most prompts
+    leaves little reward variance to learn from.
+    """
+    if not evals:
+        raise ValueError("pick_checkpoint needs at least one evaluation")
+    ok = [e for e in evals if e["oracle_accuracy"] <= max_accuracy]
+    return ok[-1] if ok else evals[0]

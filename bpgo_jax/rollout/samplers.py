@@ -1,0 +1,161 @@
+"""Stochastic samplers that return the log-probability of every step they take.
+
+The policy-gradient update needs `log p(x_{t-1} | x_t, c)` of each transition,
+under the same Gaussian the sampler drew from. `transition` gives that
+Gaussian's mean and std for step k; `sample` runs the whole trajectory in one
+`lax.scan`; the update recomputes `transition` for stored steps. Both reach the
+network only through `guided_prediction`, evaluated in chunks of a fixed
+per-device size, so on-policy ratios are exactly 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bpgo_jax.models.interface import DiffusionModel
+from bpgo_jax.parallel.batching import map_in_chunks
+from bpgo_jax.rollout import schedules
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Static sampler description; `tables` are per-step float32 arrays."""
+
+    kind: str  # "ddim" | "flow"
+    prediction_type: str
+    num_steps: int
+    guidance_scale: float
+    tables: dict[str, np.ndarray] = dataclasses.field(hash=False, compare=False)
+    clip_sample: float | None = None
+
+    def __hash__(self):  # static argument of jitted functions
+        return hash((self.kind, self.prediction_type, self.num_steps, self.guidance_scale))
+
+
+def make_sampler(cfg, model: DiffusionModel) -> Sampler:
+    """Builds the sampler of `config.sample` for `model`."""
+    if cfg.kind == "ddim":
+        if model.prediction_type == "flow":
+            raise ValueError("sample.kind='ddim' needs an epsilon/v/sample model, this one is flow")
+        sched = dict(schedules.DEFAULT_DDPM, **(model.scheduler_config or {}))
+        tables = schedules.ddim_tables(sched, cfg.num_steps, cfg.eta)
+        clip = sched.get("clip_sample_range", 1.0) if sched.get("clip_sample", False) else None
+    elif cfg.kind == "flow":
+        if model.prediction_type != "flow":
+            raise ValueError(
+                f"sample.kind='flow' needs a flow model, this one predicts {model.prediction_type}"
+            )
+        tables = schedules.flow_tables(cfg.num_steps, cfg.shift, cfg.noise, cfg.noise_level)
+        clip = None
+    else:
+        raise ValueError(f"sample.kind={cfg.kind!r} is not 'ddim' or 'flow'")
+    return Sampler(cfg.kind, model.prediction_type, cfg.num_steps, cfg.guidance_scale, tables, clip)
+
+
+def guided_prediction(model, sampler, trainable, frozen, x, t, cond, uncond):
+    """Network output with classifier-free guidance (one batched call of 2B rows).
+
+    `uncond` is the negative-prompt conditioning with a leading axis of 1.
+    """
+    if sampler.guidance_scale == 1.0:
+        return model.predict(trainable, frozen, x, t, cond)
+    uncond = jax.tree.map(lambda u: jnp.broadcast_to(u, (x.shape[0], *u.shape[1:])), uncond)
+    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
+    out = model.predict(trainable, frozen, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
+    out_u, out_c = jnp.split(out, 2)
+    return out_u + sampler.guidance_scale * (out_c - out_u)
+
+
+def transition(sampler: Sampler, k: jax.Array, x: jax.Array, out: jax.Array):
+    """Mean and std of the Gaussian step k -> k+1 given the network output.
+
+    `k` is a per-sample int array [B] of step indices.
+    """
+    tab = {name: jnp.asarray(v)[k] for name, v in sampler.tables.items()}
+    bshape = (-1,) + (1,) * (x.ndim - 1)
+    col = lambda name: tab[name].reshape(bshape)
+    if sampler.kind == "flow":
+        mean = col("cx") * x + col("cv") * out
+    else:
+        a = col("alpha")
+        if sampler.prediction_type == "epsilon":
+            eps = out
+            x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+        elif sampler.prediction_type == "v_prediction":
+            x0 = jnp.sqrt(a) * x - jnp.sqrt(1 - a) * out
+            eps = jnp.sqrt(a) * out + jnp.sqrt(1 - a) * x
+        else:  # "sample"
+            x0 = out
+            eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+        if sampler.clip_sample is not None:
+            x0 = jnp.clip(x0, -sampler.clip_sample, sampler.clip_sample)
+        mean = jnp.sqrt(col("alpha_prev")) * x0 + col("dir_coef") * eps
+    return mean, col("std")
+
+
+def gaussian_logprob(x_next: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+    """log N(x_next; mean, std^2), averaged over non-batch dims (DDPO convention)."""
+    lp = -((x_next - mean) ** 2) / (2 * std**2) - jnp.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.mean(axis=tuple(range(1, lp.ndim)))
+
+
+class Trajectory(NamedTuple):
+    """One rollout, batch-major. `latents[:, k]` is the input of step k."""
+
+    latents: jax.Array  # [B, T + 1, *latent]
+    log_probs: jax.Array  # [B, T]
+    timesteps: jax.Array  # [T] model timesteps
+
+
+def initial_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, 0), shape))(keys)
+
+
+def step_noise(keys: jax.Array, k: int | jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Noise of step k; a function of the sample's own key only (batch-independent)."""
+    return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k + 1), shape))(keys)
+
+
+def sample(
+    model: DiffusionModel,
+    sampler: Sampler,
+    trainable: Params,
+    frozen: Params,
+    cond: Any,
+    uncond: Any,
+    keys: jax.Array,
+    *,
+    num_chunks: int = 1,
+    num_shards: int = 1,
+) -> Trajectory:
+    """Runs the whole trajectory in one `lax.scan`.
+
+    `keys` [B] are per-sample PRNG keys: a sample's noise depends on its key
+    only, so results do not depend on batch size or sharding.
+    """
+    shape = model.latent_shape
+    batch = keys.shape[0]
+
+    def predict_chunk(args):
+        x, t, c = args
+        return guided_prediction(model, sampler, trainable, frozen, x, t, c, uncond)
+
+    def body(x, k):
+        t = jnp.full((batch,), jnp.asarray(sampler.tables["model_t"])[k])
+        out = map_in_chunks(predict_chunk, (x, t, cond), num_chunks, num_shards)
+        mean, std = transition(sampler, jnp.full((batch,), k), x, out)
+        x_next = mean + std * step_noise(keys, k, shape)
+        return x_next, (x_next, gaussian_logprob(x_next, mean, std))
+
+    x0 = initial_noise(keys, shape)
+    _, (xs, log_probs) = jax.lax.scan(body, x0, jnp.arange(sampler.num_steps))
+    latents = jnp.concatenate([x0[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
+    return Trajectory(latents, jnp.moveaxis(log_probs, 0, 1), jnp.asarray(sampler.tables["model_t"]))

@@ -1,0 +1,91 @@
+"""Defaults shared by every run config; each field is documented in README.md.
+
+Configs import this and override what differs. Every field can be set from
+the command line: `--config.train.lr=3e-4 --config.sample.group_size=8`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.plugins = ()  # extra modules to import (they register models / rewards)
+
+    c.model = dict(
+        name="tiny_unet",
+        init="random",
+        prediction_type="flow",
+        dtype="float32",
+        resolution=32,
+        channels=(32, 64, 64),
+        attn_levels=(1, 2),
+        heads=4,
+        vocab_size=4096,
+        max_length=24,
+        text_width=64,
+        text_depth=2,
+        scheduler=ml_collections.config_dict.placeholder(dict),
+    )
+    c.prompts = dict(path="")
+
+    c.sample = dict(
+        kind="flow",
+        num_steps=10,
+        guidance_scale=1.0,
+        negative_prompt="",
+        eta=1.0,  # DDIM
+        noise="flow_grpo",
+        noise_level=0.7,
+        shift=1.0,  # flow SDE
+        group_size=8,
+        prompts_per_epoch=8,
+        batch_size=32,
+    )
+    c.rewards = ml_collections.ConfigDict()
+    c.advantage = dict(
+        method="bpgo",
+        std="group",
+        eps=1e-8,
+        clip=5.0,
+        alpha=0.5,
+        k=1.0,
+        lam=1.0,
+        crt_coef=0.5,
+        max_exp=30.0,
+        ras_clamp=(0.01, 10.0),
+        tracker=dict(buffer_size=32, min_count=16),
+    )
+    c.prior = dict(
+        kind="moving_average",
+        decay=0.9,
+        init_value=0.5,
+        clip=ml_collections.config_dict.placeholder(tuple),
+    )
+    c.train = dict(
+        num_epochs=10,
+        inner_epochs=1,
+        batch_size=32,
+        micro_batch_size=16,
+        timestep_fraction=1.0,
+        clip_range=1e-4,
+        kl_beta=0.0,
+        ema_decay=0.0,
+        lr=1e-4,
+        b1=0.9,
+        b2=0.999,
+        adam_eps=1e-8,
+        weight_decay=1e-4,
+        max_grad_norm=1.0,
+        max_consecutive_skips=3,
+    )
+    c.eval = dict(
+        rewards=ml_collections.ConfigDict(), prompts_path="", num_prompts=64, every=5, use_ema=True
+    )
+    c.mesh = dict(shape=(-1, 1), axes=("data", "fsdp"), rules=((".*", "fsdp_auto"),))
+    c.checkpoint = dict(every=1, keep=3, use_async=True)
+    c.log = dict(tensorboard=True, image_every=5, num_images=8)
+    c.distributed = dict(initialize=False, coordinator_address="", num_processes=0, process_id=-1)
+    return c

@@ -1,0 +1,59 @@
+"""Writes the world's prompt files (deterministic; re-running reproduces them byte for byte).
+
+    python launch/make_world_prompts.py  # -> bpgo_jax/world/assets/prompts_{train,heldout}.jsonl
+
+Each line: {"prompt": str, "metadata": {"constraints": {...}, "split": str, "kind": str}}.
+Prompts are unique within a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from bpgo_jax.world import constraints as C  # noqa: E402
+from bpgo_jax.world.grammar import sample_prompt  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "bpgo_jax" / "world" / "assets"
+
+
+def make_prompts(split: str, n: int, seed: int) -> list[dict]:
+    """n distinct prompts of `split` with their metadata."""
+    rng = np.random.default_rng([seed, ("train", "heldout").index(split)])
+    seen, out = set(), []
+    for _ in range(100 * n):
+        caption, cons = sample_prompt(rng, split)
+        if caption in seen:
+            continue
+        seen.add(caption)
+        meta = {"constraints": cons, "split": split, "kind": C.kind(cons)}
+        out.append({"prompt": caption, "metadata": meta})
+        if len(out) == n:
+            return out
+    raise ValueError(f"could not find {n} distinct {split} prompts")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out_dir", default=str(ASSETS))
+    parser.add_argument("--num_train", type=int, default=2000)
+    parser.add_argument("--num_heldout", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", args.num_train), ("heldout", args.num_heldout)):
+        path = out_dir / f"prompts_{split}.jsonl"
+        lines = [json.dumps(p, sort_keys=True) for p in make_prompts(split, n, args.seed)]
+        path.write_text("\n".join(lines) + "\n")
+        print(f"wrote {len(lines)} prompts to {path}")
+
+
+if __name__ == "__main__":
+    main()

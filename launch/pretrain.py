@@ -1,0 +1,181 @@
+"""Pre-trains the built-in generator with the rectified-flow loss; see configs/pretrain.py.
+
+    python launch/pretrain.py --config=configs/pretrain.py --workdir=workdirs/pretrain
+
+Writes WORKDIR/pretrain_metrics.jsonl (loss every `log_every` steps, held-out
+oracle accuracy at every evaluation), checkpoints/step_N.msgpack, and the
+shipped pick as generator.msgpack + generator.json + samples.png (also into
+`export_dir` when set).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from bpgo_jax import pretrain  # noqa: E402
+from bpgo_jax.logs import captioned_grid  # noqa: E402
+from bpgo_jax.models import load_params, save_params  # noqa: E402
+from bpgo_jax.models.tiny import tiny_model  # noqa: E402
+from bpgo_jax.prompts import load_prompts  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Pre-training config.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints, weights.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def image_model_block(cfg: ml_collections.ConfigDict) -> dict:
+    """`config.model` as configs/image.py spells it (init: where the weights ship)."""
+    return cfg.model.to_dict() | {"init": "bpgo_jax/world/assets/generator.msgpack"}
+
+
+def run_lineage(init: str) -> list[dict]:
+    """Earlier runs behind `init` (a WORKDIR/checkpoints/step_N.msgpack), oldest first.
+
+    Read from each run's WORKDIR/run.json, so a model trained in several
+    continued runs ships with every command that made it.
+    """
+    if init == "random":
+        return []
+    path = Path(init)
+    run_file = path.parents[1] / "run.json"
+    if not run_file.is_file():
+        return [{"init": init}]
+    prev = json.loads(run_file.read_text())
+    steps = int(path.stem.removeprefix("step_")) if path.stem.startswith("step_") else None
+    return prev["lineage"] + [{"command": prev["command"], "steps": steps}]
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    cfg: ml_collections.ConfigDict = _CONFIG.value
+    if cfg.model.name != "tiny_unet":
+        sys.exit(f"error: config.model.name={cfg.model.name!r}: only tiny_unet is pre-trained here")
+    workdir = Path(_WORKDIR.value)
+    (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    metrics_path = workdir / "pretrain_metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    command = " ".join(["python", *sys.argv])
+    lineage = run_lineage(cfg.model.init)
+    run = {"command": command, "lineage": lineage}
+    (workdir / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+
+    model = tiny_model(cfg.model)
+    tc = cfg.train
+    optimizer = pretrain.make_optimizer(tc)
+    rng = jax.random.key(cfg.seed)
+    start_params = None
+    if cfg.model.init != "random":  # continue from earlier weights (a checkpoint)
+        start_params = load_params(cfg.model.init, model.init(rng))
+    state = pretrain.init_state(model, optimizer, rng, start_params)
+    step_fn = pretrain.make_train_step(model, optimizer, tc.ema_decay, tc.time_sampling)
+    step_rng = jax.random.key(cfg.seed + 1)
+    data_rng = np.random.default_rng(cfg.seed)
+
+    heldout = load_prompts(cfg.eval.prompts_path)
+    prompts = list(heldout.prompts)
+    constraints = [m["constraints"] for m in heldout.metadata]
+    generate = pretrain.make_generate(model, cfg.sample)
+
+    def evaluate(ema, n):
+        tr, fr = ema["trainable"], ema["frozen"]
+        return pretrain.evaluate_oracle(
+            model,
+            tr,
+            fr,
+            cfg.sample,
+            prompts[:n],
+            constraints[:n],
+            seed=cfg.eval.seed,
+            batch_size=cfg.eval.batch_size,
+            generate=generate,
+        )
+
+    evals, window, losses = [], [], []
+    start = time.time()
+    bar = tqdm(range(1, tc.steps + 1), desc="pretrain", dynamic_ncols=True)
+    for step in bar:
+        batch = pretrain.sample_batch(
+            data_rng, tc.batch_size, model.tokenize, cfg.data.caption_dropout, cfg.data.split
+        )
+        state, metrics = step_fn(state, batch["images"], batch["tokens"], step_rng)
+        window.append(metrics)
+        if step % cfg.log_every == 0 or step == tc.steps:
+            got = jax.device_get(window)
+            loss = float(np.mean([m["loss"] for m in got]))
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"pre-training loss is {loss} at step {step}")
+            window, elapsed = [], time.time() - start
+            record = {"step": step, "loss": loss, "seconds": round(elapsed, 1)}
+            record["grad_norm"] = float(np.mean([m["grad_norm"] for m in got]))
+            append_jsonl(metrics_path, record)
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        if step % cfg.eval.every == 0 or step == tc.steps:
+            acc, _, _ = evaluate(state.ema, cfg.eval.num_prompts)
+            path = workdir / "checkpoints" / f"step_{step}.msgpack"
+            save_params(path, state.ema["trainable"], state.ema["frozen"])
+            record = {"step": step, "oracle_accuracy": acc, "seconds": time.time() - start}
+            evals.append(record | {"path": str(path), "loss": losses[-1]})
+            append_jsonl(metrics_path, record)
+            tqdm.write(f"step {step}: held-out oracle accuracy {acc:.3f} ({cfg.eval.num_prompts})")
+
+    chosen = pretrain.pick_checkpoint(evals, cfg.eval.max_accuracy)
+    trainable, frozen = load_params(chosen["path"], (state.ema["trainable"], state.ema["frozen"]))
+    n = min(cfg.eval.final_num_prompts, len(prompts))
+    acc, ok, images = evaluate({"trainable": trainable, "frozen": frozen}, n)
+    k = cfg.eval.num_images
+    labels = [f"{'OK' if o else '--'} {p}" for o, p in zip(ok[:k], prompts[:k], strict=True)]
+    grid = captioned_grid(images[:k], labels)
+    Image.fromarray(grid).save(workdir / "samples.png")
+    save_params(workdir / "generator.msgpack", trainable, frozen)
+    info = {
+        "model": image_model_block(cfg),
+        "command": command,
+        "continues": lineage,
+        "steps": chosen["step"],
+        "steps_all_runs": chosen["step"] + sum(r.get("steps") or 0 for r in lineage),
+        "total_steps": tc.steps,
+        "batch_size": tc.batch_size,
+        "final_loss": chosen["loss"],
+        "heldout_oracle_accuracy": acc,
+        "heldout_num_prompts": n,
+        "heldout_prompts": Path(cfg.eval.prompts_path).name,
+        "eval_seed": cfg.eval.seed,
+        "sampler": {
+            k: cfg.sample[k]
+            for k in ("kind", "num_steps", "noise", "noise_level", "shift", "guidance_scale")
+        },
+        "weights": f"EMA (decay {tc.ema_decay:g})",
+        "train_seconds": round(evals[-1]["seconds"], 1),
+        "evaluations": [{k: e[k] for k in ("step", "oracle_accuracy")} for e in evals],
+    }
+    (workdir / "generator.json").write_text(json.dumps(info, indent=1) + "\n")
+    if cfg.export_dir:
+        for name in ("generator.msgpack", "generator.json"):
+            Path(cfg.export_dir).mkdir(parents=True, exist_ok=True)
+            shutil.copy(workdir / name, Path(cfg.export_dir) / name)
+    print(json.dumps({k: info[k] for k in ("steps", "final_loss", "heldout_oracle_accuracy")}))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,38 @@
+"""Post-trains a generator with BPGO or a GRPO-family baseline.
+
+    python launch/train.py --config=configs/image.py --workdir=runs/image
+    python launch/train.py --config=configs/image.py --workdir=runs/x \
+        --config.advantage.method=grpo --config.train.num_epochs=40
+
+Re-running with the same --workdir resumes from its latest checkpoint.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from bpgo_jax.config import ConfigError
+    from bpgo_jax.train import Trainer
+
+    try:
+        trainer = Trainer(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    trainer.train()
+
+
+if __name__ == "__main__":
+    app.run(main)

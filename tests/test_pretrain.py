@@ -1,0 +1,190 @@
+"""Pre-training: the flow loss and step, the data pipeline, the shipped generator."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bpgo_jax import pretrain  # noqa: E402
+from bpgo_jax.models import build_model  # noqa: E402
+from bpgo_jax.models.text import BOS_ID, PAD_ID  # noqa: E402
+from bpgo_jax.models.tiny import tiny_model  # noqa: E402
+from bpgo_jax.prompts import load_prompts  # noqa: E402
+from configs.image import get_config as image_config  # noqa: E402
+from configs.pretrain import get_config as pretrain_config  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "bpgo_jax" / "world" / "assets"
+
+
+def tiny_cfg() -> ml_collections.ConfigDict:
+    c = image_config().model
+    c.update(
+        init="random",
+        resolution=8,
+        channels=(8, 16),
+        attn_levels=(1,),
+        heads=2,
+        vocab_size=256,
+        max_length=8,
+        text_width=16,
+        text_depth=1,
+    )
+    return c
+
+
+def train_cfg(**kw) -> ml_collections.ConfigDict:
+    c = pretrain_config().train
+    c.update(kw)
+    return c
+
+
+def test_flow_loss_matches_hand_computation():
+    model = tiny_model(tiny_cfg())
+    trainable, frozen = model.init(jax.random.key(0))
+    # Non-zero output layer, so the prediction is not trivially zero.
+    trainable = jax.tree.map(lambda p: p + 0.05, trainable)
+    params = {"trainable": trainable, "frozen": frozen}
+    x0 = jax.random.uniform(jax.random.key(1), (3, 8, 8, 3), minval=-1, maxval=1)
+    tokens = jnp.asarray(model.tokenize(["a red circle", "", "a blue box on the left"]))
+    rng = jax.random.key(2)
+    got = jax.jit(lambda p: pretrain.flow_matching_loss(model, p, x0, tokens, rng))(params)
+
+    k_noise, k_time = jax.random.split(rng)
+    noise = np.asarray(jax.random.normal(k_noise, x0.shape))
+    s = np.asarray(jax.random.uniform(k_time, (3,), minval=1e-3, maxval=1.0))
+    x_s = (1 - s[:, None, None, None]) * np.asarray(x0) + s[:, None, None, None] * noise
+    predict = jax.jit(
+        lambda x, t: model.predict(trainable, frozen, x, t, model.encode_text(frozen, tokens))
+    )
+    v = predict(jnp.asarray(x_s), jnp.asarray(1000 * s))
+    want = np.mean((np.asarray(v) - (noise - np.asarray(x0))) ** 2)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_train_step_reduces_loss_and_trains_text_encoder():
+    model = tiny_model(tiny_cfg())
+    opt = pretrain.make_optimizer(train_cfg(steps=30, lr=1e-2, warmup_steps=2))
+    state = pretrain.init_state(model, opt, jax.random.key(0))
+    text_before = jax.tree.map(np.asarray, state.params["frozen"])
+    batch = pretrain.sample_batch(np.random.default_rng(0), 8, model.tokenize, 0.0)
+    images = jax.image.resize(jnp.asarray(batch["images"]), (8, 8, 8, 3), "linear")
+    tokens = jnp.asarray(batch["tokens"])
+
+    @jax.jit
+    def eval_loss(params):  # fixed noise draws, so before/after compare like for like
+        keys = jax.random.split(jax.random.key(99), 8)
+        loss = lambda k: pretrain.flow_matching_loss(model, params, images, tokens, k)
+        return jax.vmap(loss)(keys).mean()
+
+    before = float(eval_loss(state.params))
+    step = pretrain.make_train_step(model, opt, ema_decay=0.5)
+    for _ in range(30):
+        state, metrics = step(state, images, tokens, jax.random.key(1))
+    after = float(eval_loss(state.params))
+    assert np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 30
+    # 1.43 -> ~1.06: zero output at init gives E|noise - x0|^2; learning lowers it.
+    assert after < 0.85 * before, (before, after)
+    changed = jax.tree.map(
+        lambda a, b: bool(np.any(a != np.asarray(b))), text_before, state.params["frozen"]
+    )
+    assert all(jax.tree.leaves(changed)), "text encoder must be trained too"
+    assert float(eval_loss(state.ema)) < 0.9 * before  # the EMA tracks the weights
+
+
+def test_make_train_step_rejects_bad_settings():
+    model = tiny_model(tiny_cfg())
+    opt = pretrain.make_optimizer(train_cfg())
+    with pytest.raises(ValueError, match="ema_decay"):
+        pretrain.make_train_step(model, opt, ema_decay=1.0)
+    with pytest.raises(ValueError, match="time_sampling"):
+        pretrain.make_train_step(model, opt, time_sampling="cosine")
+
+
+def test_caption_dropout_rate_and_batches():
+    rng = np.random.default_rng(0)
+    caps = [f"caption {i}" for i in range(4000)]
+    assert pretrain.drop_captions(caps, rng, 0.0) == caps
+    assert set(pretrain.drop_captions(caps, rng, 1.0)) == {""}
+    dropped = np.mean([c == "" for c in pretrain.drop_captions(caps, rng, 0.1)])
+    assert 0.08 < dropped < 0.12
+    with pytest.raises(ValueError, match="caption_dropout"):
+        pretrain.drop_captions(caps, rng, 1.5)
+
+    model = tiny_model(tiny_cfg())
+    batch = pretrain.sample_batch(np.random.default_rng(1), 16, model.tokenize, 1.0)
+    assert batch["images"].shape == (16, 32, 32, 3)
+    assert batch["images"].min() >= -1.0 and batch["images"].max() <= 1.0
+    # Background is dark grey, so most pixels sit well below zero.
+    assert np.median(batch["images"]) < -0.5
+    # Dropped captions are the empty prompt: BOS then padding, as the sampler's uncond.
+    assert np.all(batch["tokens"][:, 0] == BOS_ID) and np.all(batch["tokens"][:, 1:] == PAD_ID)
+
+
+def test_pick_checkpoint_keeps_headroom():
+    evals = [{"step": s, "oracle_accuracy": a} for s, a in ((1, 0.1), (2, 0.5), (3, 0.8))]
+    assert pretrain.pick_checkpoint(evals, 0.7)["step"] == 2
+    assert pretrain.pick_checkpoint(evals, 0.9)["step"] == 3
+    assert pretrain.pick_checkpoint(evals, 0.05)["step"] == 1
+    with pytest.raises(ValueError):
+        pretrain.pick_checkpoint([], 0.7)
+
+
+def test_evaluate_oracle_does_not_depend_on_batch_size():
+    cfg = tiny_cfg()
+    cfg.resolution = 32  # the oracle reads world-sized images only
+    model = tiny_model(cfg)
+    trainable, frozen = model.init(jax.random.key(0))
+    prompts = ["a red circle", "a blue square", "a small green cross"]
+    cons = [{"objects": [{"color": "red", "shape": "circle"}], "relation": None, "count": None}]
+    cons = cons * 3
+    sample_cfg = image_config().sample
+    acc, ok, a = pretrain.evaluate_oracle(
+        model, trainable, frozen, sample_cfg, prompts, cons, batch_size=2
+    )
+    _, _, b = pretrain.evaluate_oracle(
+        model, trainable, frozen, sample_cfg, prompts, cons, batch_size=3
+    )
+    assert a.shape == (3, 32, 32, 3) and ok.shape == (3,) and acc == 0.0  # untrained noise
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="constraints"):
+        pretrain.evaluate_oracle(model, trainable, frozen, sample_cfg, prompts, cons[:2])
+
+
+def test_shipped_generator_loads_and_matches_documented_accuracy():
+    info = json.loads((ASSETS / "generator.json").read_text())
+    weights = ASSETS / "generator.msgpack"
+    assert weights.stat().st_size <= 20 * 2**20
+    cfg = image_config()
+    assert Path(cfg.model.init) == weights
+    shipped = {k: v for k, v in info["model"].items() if k != "init"}
+    here = json.loads(json.dumps({k: v for k, v in cfg.model.to_dict().items() if k != "init"}))
+    assert shipped == here, "generator.json's model block must be configs/image.py's"
+    documented = info["heldout_oracle_accuracy"]
+    assert 0.3 <= documented <= 0.7, documented
+
+    model, trainable, frozen = build_model(cfg.model, jax.random.key(123))
+    heldout = load_prompts(cfg.eval.prompts_path)
+    n = 48
+    cons = [m["constraints"] for m in heldout.metadata[:n]]
+    acc, _, images = pretrain.evaluate_oracle(
+        model,
+        trainable,
+        frozen,
+        cfg.sample,
+        heldout.prompts[:n],
+        cons,
+        seed=info["eval_seed"],
+        batch_size=n,
+    )
+    assert images.shape == (n, 32, 32, 3)
+    assert abs(acc - documented) <= 0.25, (acc, documented)
