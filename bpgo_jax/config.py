@@ -30,26 +30,43 @@ def batch_layout(config: ml_collections.ConfigDict, num_devices: int, num_hosts:
     samples = n * g
     _check(g >= 2, f"sample.group_size={g} must be >= 2 (GRPO needs a group to compare)")
     _check(n >= 1, f"sample.prompts_per_epoch={n} must be >= 1")
-    _check(n % num_hosts == 0,
-           f"sample.prompts_per_epoch={n} must be divisible by the {num_hosts} hosts")
+    _check(
+        n % num_hosts == 0,
+        f"sample.prompts_per_epoch={n} must be divisible by the {num_hosts} hosts",
+    )
     rb = config.sample.batch_size
-    _check(rb % g == 0, f"sample.batch_size={rb} must be a multiple of sample.group_size={g}, "
-           "so groups stay whole")
-    _check(samples % rb == 0, f"sample.prompts_per_epoch*group_size={samples} must be a multiple "
-           f"of sample.batch_size={rb}")
-    _check(rb % num_devices == 0, f"sample.batch_size={rb} must be divisible by the "
-           f"{num_devices} batch shards of the mesh")
+    _check(
+        rb % g == 0,
+        f"sample.batch_size={rb} must be a multiple of sample.group_size={g}, so groups stay whole",
+    )
+    _check(
+        samples % rb == 0,
+        f"sample.prompts_per_epoch*group_size={samples} must be a multiple "
+        f"of sample.batch_size={rb}",
+    )
+    _check(
+        rb % num_devices == 0,
+        f"sample.batch_size={rb} must be divisible by the {num_devices} batch shards of the mesh",
+    )
     tb, mb = config.train.batch_size, config.train.micro_batch_size
     _check(samples % tb == 0, f"train.batch_size={tb} must divide the {samples} samples per epoch")
     _check(tb % mb == 0, f"train.micro_batch_size={mb} must divide train.batch_size={tb}")
-    _check(mb % num_devices == 0, f"train.micro_batch_size={mb} must be divisible by the "
-           f"{num_devices} batch shards of the mesh")
-    _check(rb % mb == 0, f"sample.batch_size={rb} must be a multiple of train.micro_batch_size="
-           f"{mb}: the rollout evaluates the network in micro-batch-sized chunks")
+    _check(
+        mb % num_devices == 0,
+        f"train.micro_batch_size={mb} must be divisible by the "
+        f"{num_devices} batch shards of the mesh",
+    )
+    _check(
+        rb % mb == 0,
+        f"sample.batch_size={rb} must be a multiple of train.micro_batch_size="
+        f"{mb}: the rollout evaluates the network in micro-batch-sized chunks",
+    )
     steps = config.sample.num_steps
     trained = max(1, int(round(config.train.timestep_fraction * steps)))
-    _check(0 < config.train.timestep_fraction <= 1,
-           f"train.timestep_fraction={config.train.timestep_fraction} must be in (0, 1]")
+    _check(
+        0 < config.train.timestep_fraction <= 1,
+        f"train.timestep_fraction={config.train.timestep_fraction} must be in (0, 1]",
+    )
     return {
         "samples_per_epoch": samples,
         "rollout_calls": samples // rb,
@@ -69,29 +86,46 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int
     for name in config.eval.rewards:
         _check(name in known, f"config.eval.rewards.{name}: unknown reward; known: {sorted(known)}")
     adv = config.advantage
-    _check(adv.method in ADVANTAGE_METHODS,
-           f"advantage.method={adv.method!r} is not one of {ADVANTAGE_METHODS}")
+    _check(
+        adv.method in ADVANTAGE_METHODS,
+        f"advantage.method={adv.method!r} is not one of {ADVANTAGE_METHODS}",
+    )
     _check(adv.std in ("group", "global"), f"advantage.std={adv.std!r} is not 'group' or 'global'")
-    _check(0 <= adv.alpha < 1, f"advantage.alpha={adv.alpha} must be in [0, 1) so RAS weights "
-           "stay positive")
+    _check(
+        0 <= adv.alpha < 1,
+        f"advantage.alpha={adv.alpha} must be in [0, 1) so RAS weights stay positive",
+    )
     _check(adv.crt_coef >= 0, f"advantage.crt_coef={adv.crt_coef} must be >= 0")
-    _check(config.prior.kind in PRIOR_KINDS,
-           f"prior.kind={config.prior.kind!r} is not one of {PRIOR_KINDS}")
+    _check(
+        config.prior.kind in PRIOR_KINDS,
+        f"prior.kind={config.prior.kind!r} is not one of {PRIOR_KINDS}",
+    )
     _check(0 <= config.prior.decay < 1, f"prior.decay={config.prior.decay} must be in [0, 1)")
     _check(config.train.clip_range > 0, f"train.clip_range={config.train.clip_range} must be > 0")
     _check(config.train.kl_beta >= 0, f"train.kl_beta={config.train.kl_beta} must be >= 0")
-    _check(0 <= config.train.ema_decay < 1,
-           f"train.ema_decay={config.train.ema_decay} must be in [0, 1)")
-    _check(config.train.inner_epochs >= 1,
-           f"train.inner_epochs={config.train.inner_epochs} must be >= 1")
-    _check(config.sample.kind in ("ddim", "flow"),
-           f"sample.kind={config.sample.kind!r} is not 'ddim' or 'flow'")
+    _check(
+        0 <= config.train.ema_decay < 1,
+        f"train.ema_decay={config.train.ema_decay} must be in [0, 1)",
+    )
+    _check(
+        config.train.inner_epochs >= 1,
+        f"train.inner_epochs={config.train.inner_epochs} must be >= 1",
+    )
+    _check(
+        config.sample.kind in ("ddim", "flow"),
+        f"sample.kind={config.sample.kind!r} is not 'ddim' or 'flow'",
+    )
     _check(config.sample.num_steps >= 1, f"sample.num_steps={config.sample.num_steps} must be >= 1")
     if config.sample.kind == "ddim":
-        _check(config.sample.eta > 0, f"sample.eta={config.sample.eta} must be > 0: a "
-               "deterministic sampler has no log-probability to train")
+        _check(
+            config.sample.eta > 0,
+            f"sample.eta={config.sample.eta} must be > 0: a "
+            "deterministic sampler has no log-probability to train",
+        )
     else:
         _check(config.sample.noise != "ode", "sample.noise='ode' has no log-probability to train")
-    _check(config.model.get("dtype", "float32") in ("float32", "bfloat16"),
-           f"model.dtype={config.model.get('dtype')!r} is not float32 or bfloat16")
+    _check(
+        config.model.get("dtype", "float32") in ("float32", "bfloat16"),
+        f"model.dtype={config.model.get('dtype')!r} is not float32 or bfloat16",
+    )
     return batch_layout(config, num_devices, num_hosts)

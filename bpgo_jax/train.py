@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
@@ -30,7 +31,7 @@ from bpgo_jax.config import validate
 from bpgo_jax.logs import RunLogger, truncate_metrics_after
 from bpgo_jax.models import build_model
 from bpgo_jax.parallel import mesh as mesh_lib
-from bpgo_jax.parallel.batching import map_in_chunks, split_chunks
+from bpgo_jax.parallel.batching import map_in_chunks
 from bpgo_jax.prompts import host_slice, load_prompts, prompt_ids
 from bpgo_jax.rewards import RewardSet, build_reward_set
 from bpgo_jax.rollout import samplers
@@ -53,20 +54,42 @@ class Preempted:
 
 
 def _rollout(
-    trainable, frozen, reward_params, tokens, uncond_tokens, sample_idx, epoch_key, aux,
-    *, model, sampler, reward_set: RewardSet, num_chunks: int, num_shards: int,
+    trainable,
+    frozen,
+    reward_params,
+    tokens,
+    uncond_tokens,
+    sample_idx,
+    epoch_key,
+    aux,
+    *,
+    model,
+    sampler,
+    reward_set: RewardSet,
+    num_chunks: int,
+    num_shards: int,
 ):
     """Samples one batch with log-probs, decodes it and scores the jittable rewards."""
     key = jax.random.wrap_key_data(epoch_key)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(sample_idx)
     cond = model.encode_text(frozen, tokens)
     uncond = model.encode_text(frozen, uncond_tokens)
-    traj = samplers.sample(model, sampler, trainable, frozen, cond, uncond, keys,
-                           num_chunks=num_chunks, num_shards=num_shards)
-    images = map_in_chunks(lambda z: model.decode(frozen, z), traj.latents[:, -1],
-                           num_chunks, num_shards)
+    traj = samplers.sample(
+        model,
+        sampler,
+        trainable,
+        frozen,
+        cond,
+        uncond,
+        keys,
+        num_chunks=num_chunks,
+        num_shards=num_shards,
+    )
+    images = map_in_chunks(
+        lambda z: model.decode(frozen, z), traj.latents[:, -1], num_chunks, num_shards
+    )
     scores = reward_set.score_jittable(reward_params, images, aux)
-    return traj.latents, traj.log_probs, cond, images, scores
+    return traj.latents, traj.means, cond, images, scores
 
 
 def _advantages(prior_state, ids, rewards, *, cfg, group_size: int):
@@ -78,13 +101,22 @@ def _advantages(prior_state, ids, rewards, *, cfg, group_size: int):
     a = cfg.advantage
     bpgo = a.method == "bpgo"
     out = adv_lib.bpgo_advantages(
-        groups, priors, alpha=a.alpha if bpgo else 0.0, k=a.k, lam=a.lam,
-        crt_coef=a.crt_coef if bpgo else 0.0, std=a.std, eps=a.eps, clip=a.clip,
-        ras_clamp=tuple(a.ras_clamp) if a.ras_clamp else None, max_exp=a.max_exp,
+        groups,
+        priors,
+        alpha=a.alpha if bpgo else 0.0,
+        k=a.k,
+        lam=a.lam,
+        crt_coef=a.crt_coef if bpgo else 0.0,
+        std=a.std,
+        eps=a.eps,
+        clip=a.clip,
+        ras_clamp=tuple(a.ras_clamp) if a.ras_clamp else None,
+        max_exp=a.max_exp,
     )
     if kind == "moving_average":
-        prior_state = prior_lib.update(prior_state, ids, groups.mean(axis=1), kind=kind,
-                                       decay=cfg.prior.decay)
+        prior_state = prior_lib.update(
+            prior_state, ids, groups.mean(axis=1), kind=kind, decay=cfg.prior.decay
+        )
     metrics = adv_lib.advantage_metrics(groups, out)
     metrics.update(
         prior_mean=priors.mean(),
@@ -94,14 +126,22 @@ def _advantages(prior_state, ids, rewards, *, cfg, group_size: int):
         group_std_mean=groups.std(axis=1).mean(),
     )
     per_sample = lambda x: jnp.repeat(x, group_size) if x.ndim == 1 else x.reshape(-1)
-    return (per_sample(out.advantages), per_sample(out.ras_weights),
-            per_sample(out.crt_advantages), prior_state, metrics)
+    return (
+        per_sample(out.advantages),
+        per_sample(out.ras_weights),
+        per_sample(out.crt_advantages),
+        prior_state,
+        metrics,
+    )
 
 
-def _shuffle(batch: PolicyBatch, perm, *, num_updates: int, num_shards: int) -> PolicyBatch:
-    """Shuffles samples and splits them into `[num_updates, train_batch]`."""
-    batch = jax.tree.map(lambda x: x[perm], batch)
-    return split_chunks(batch, num_updates, num_shards)
+def _shuffle(batch: PolicyBatch, perm, *, num_updates: int) -> PolicyBatch:
+    """Shuffles samples into `[num_updates, train_batch]` optimiser batches.
+
+    Batch u holds samples `perm[u*b : (u+1)*b]` whatever the mesh, so a run
+    updates on the same samples on 1 device as on 8.
+    """
+    return jax.tree.map(lambda x: x[perm].reshape(num_updates, -1, *x.shape[1:]), batch)
 
 
 class Trainer:
@@ -117,7 +157,8 @@ class Trainer:
                 num_processes=dist.num_processes or None,
                 process_id=dist.process_id if dist.process_id >= 0 else None,
             )
-        self.mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes)
+        devices = jax.devices()[: config.mesh.num_devices or None]
+        self.mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes, devices)
         self.shards = mesh_lib.num_batch_shards(self.mesh)
         self.layout = validate(config, self.shards, jax.process_count())
         self.batch_sh = mesh_lib.batch_sharding(self.mesh)
@@ -128,15 +169,19 @@ class Trainer:
         self.model, trainable, frozen = build_model(config.model, jax.random.fold_in(root, 1))
         self.sampler = samplers.make_sampler(config.sample, self.model)
         self.rewards = build_reward_set(config.rewards)
-        self.eval_rewards = (build_reward_set(config.eval.rewards)
-                             if config.eval.rewards else None)
+        self.eval_rewards = build_reward_set(config.eval.rewards) if config.eval.rewards else None
         self.prompts = load_prompts(config.prompts.path)
-        self.eval_prompts = (load_prompts(config.eval.prompts_path)
-                             if config.eval.prompts_path else None)
+        self.eval_prompts = (
+            load_prompts(config.eval.prompts_path) if config.eval.prompts_path else None
+        )
         self.optimizer = make_optimizer(config.train)
-        self.tracker = (adv_lib.PerPromptStatTracker(config.advantage.tracker.buffer_size,
-                                                     config.advantage.tracker.min_count)
-                        if config.advantage.method == "ddpo_tracker" else None)
+        self.tracker = (
+            adv_lib.PerPromptStatTracker(
+                config.advantage.tracker.buffer_size, config.advantage.tracker.min_count
+            )
+            if config.advantage.method == "ddpo_tracker"
+            else None
+        )
 
         rules = tuple(tuple(r) for r in config.mesh.rules)
         trainable = jax.device_put(trainable, mesh_lib.tree_shardings(trainable, self.mesh, rules))
@@ -145,9 +190,11 @@ class Trainer:
         needs_ref = config.train.kl_beta > 0 or config.prior.kind == "reference"
         self.ref_trainable = copy(trainable) if needs_ref else None
         prior = prior_lib.init_prior_state(
-            len(self.prompts), kind=config.prior.kind,
+            len(self.prompts),
+            kind=config.prior.kind,
             fixed_values=self.prompts.priors if config.prior.kind == "fixed" else None,
-            init_value=config.prior.init_value)
+            init_value=config.prior.init_value,
+        )
         state = TrainState(
             step=jax.device_put(jnp.zeros((), jnp.int32), self.repl),
             trainable=trainable,
@@ -160,12 +207,16 @@ class Trainer:
         # Pinning the update's output shardings to its input shardings keeps the
         # state's layout fixed across steps (no recompilation after step one).
         self.state_sh = jax.tree.map(
-            lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
-            else self.repl, state)
+            lambda x: (
+                x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else self.repl
+            ),
+            state,
+        )
         self.state = jax.device_put(state, self.state_sh)
         self.reward_params = jax.device_put(self.rewards.params(), self.repl)
-        self.eval_reward_params = (jax.device_put(self.eval_rewards.params(), self.repl)
-                                   if self.eval_rewards else None)
+        self.eval_reward_params = (
+            jax.device_put(self.eval_rewards.params(), self.repl) if self.eval_rewards else None
+        )
         uncond = self.model.tokenize([config.sample.negative_prompt])
         self.uncond_tokens = jax.device_put(uncond, self.repl)
         self.uncond = jax.jit(self.model.encode_text)(self.frozen, self.uncond_tokens)
@@ -174,45 +225,70 @@ class Trainer:
         self.epoch, self.position, self.samples_seen = 0, 0, 0
         self.skipped, self.consecutive_skips = 0, 0
         self.logger = RunLogger(self.workdir, tensorboard=config.log.tensorboard)
-        self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=config.checkpoint.keep,
-                                 use_async=config.checkpoint.use_async)
+        self.ckpt = Checkpointer(
+            self.workdir / "checkpoints",
+            keep=config.checkpoint.keep,
+            use_async=config.checkpoint.use_async,
+        )
         self._maybe_restore()
 
     # ------------------------------------------------------------------ setup
     def _compile(self) -> None:
         cfg, lay = self.config, self.layout
         rollout = functools.partial(
-            _rollout, model=self.model, sampler=self.sampler, num_shards=self.shards,
-            num_chunks=lay["rollout_chunks"])
+            _rollout,
+            model=self.model,
+            sampler=self.sampler,
+            num_shards=self.shards,
+            num_chunks=lay["rollout_chunks"],
+        )
         self.rollout_fn = jax.jit(functools.partial(rollout, reward_set=self.rewards))
         if self.eval_rewards is not None:
             self.eval_fn = jax.jit(functools.partial(rollout, reward_set=self.eval_rewards))
         b = self.batch_sh
         self.adv_fn = jax.jit(
             functools.partial(_advantages, cfg=cfg, group_size=cfg.sample.group_size),
-            out_shardings=(b, b, b, self.state_sh.prior, self.repl))
-        self.shuffle_fn = jax.jit(functools.partial(
-            _shuffle, num_updates=lay["updates_per_inner_epoch"], num_shards=self.shards))
+            out_shardings=(b, b, b, self.state_sh.prior, self.repl),
+        )
+        self.shuffle_fn = jax.jit(
+            functools.partial(_shuffle, num_updates=lay["updates_per_inner_epoch"]),
+            out_shardings=NamedSharding(self.mesh, P(None, mesh_lib.batch_axes(self.mesh))),
+        )
         t = cfg.train
         self.train_fn = jax.jit(
             functools.partial(
-                train_step, model=self.model, sampler=self.sampler, optimizer=self.optimizer,
-                num_micro=lay["micro_per_update"], num_shards=self.shards,
-                num_train_steps=lay["trained_steps"], clip_range=t.clip_range,
+                train_step,
+                model=self.model,
+                sampler=self.sampler,
+                optimizer=self.optimizer,
+                num_micro=lay["micro_per_update"],
+                num_shards=self.shards,
+                num_train_steps=lay["trained_steps"],
+                clip_range=t.clip_range,
                 crt_coef=cfg.advantage.crt_coef if cfg.advantage.method == "bpgo" else 0.0,
-                kl_beta=t.kl_beta, ema_decay=t.ema_decay),
+                kl_beta=t.kl_beta,
+                ema_decay=t.ema_decay,
+            ),
             donate_argnums=(0,),
             out_shardings=(self.state_sh, self.repl),
         )
-        self._jitted = {"rollout": self.rollout_fn, "advantages": self.adv_fn,
-                        "shuffle": self.shuffle_fn, "train_step": self.train_fn}
+        self._jitted = {
+            "rollout": self.rollout_fn,
+            "advantages": self.adv_fn,
+            "shuffle": self.shuffle_fn,
+            "train_step": self.train_fn,
+        }
         self._cache_sizes: dict[str, int] = {}
 
     def _meta(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position,
-                "samples_seen": self.samples_seen, "skipped_updates": self.skipped,
-                "consecutive_skips": self.consecutive_skips,
-                "tracker": self.tracker.state_dict() if self.tracker else None}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "samples_seen": self.samples_seen,
+            "skipped_updates": self.skipped,
+            "consecutive_skips": self.consecutive_skips,
+            "tracker": self.tracker.state_dict() if self.tracker else None,
+        }
 
     def _maybe_restore(self) -> None:
         latest = self.ckpt.latest()
@@ -241,10 +317,26 @@ class Trainer:
         return np.asarray(local)
 
     # ------------------------------------------------------------------ phases
-    def _sample_groups(self, ids: np.ndarray, prompt_set, *, fn, reward_set, reward_params,
-                       trainable, epoch_key, bar_desc: str):
-        """Rollout of G samples for each of the epoch's prompts, in batches."""
-        g = self.config.sample.group_size if fn is self.rollout_fn else 1
+    def sample_prompts(
+        self,
+        ids: np.ndarray,
+        prompt_set,
+        *,
+        per_prompt: int,
+        fn,
+        reward_set,
+        reward_params,
+        trainable,
+        epoch_key,
+        bar_desc: str,
+    ):
+        """`per_prompt` samples of each prompt `ids` (global), in rollout batches.
+
+        Returns global `(latents, means, cond, scores)` and this host's images
+        and prompts. `len(ids) * per_prompt` must be a multiple of the rollout
+        batch size.
+        """
+        g = per_prompt
         pc, pi = jax.process_count(), jax.process_index()
         local_ids = host_slice(ids, pi, pc)
         local_prompts = [prompt_set.prompts[i] for i in local_ids for _ in range(g)]
@@ -257,29 +349,39 @@ class Trainer:
             prompts = local_prompts[start : start + per_call]
             meta = local_meta[start : start + per_call]
             tokens = self._global(self.model.tokenize(prompts))
-            index = self._global(np.arange(first_index + start,
-                                           first_index + start + len(prompts), dtype=np.int32))
+            index = self._global(
+                np.arange(first_index + start, first_index + start + len(prompts), dtype=np.int32)
+            )
             aux = jax.tree.map(self._global, reward_set.prepare(prompts, meta))
-            out = fn(trainable, self.frozen, reward_params, tokens, self.uncond_tokens, index,
-                     epoch_key, aux)
+            out = fn(
+                trainable,
+                self.frozen,
+                reward_params,
+                tokens,
+                self.uncond_tokens,
+                index,
+                epoch_key,
+                aux,
+            )
             images = self._local(out[3])
-            host = {k: self._global(v) for k, v in
-                    reward_set.score_host(images, prompts, meta).items()}
+            host = {
+                k: self._global(v) for k, v in reward_set.score_host(images, prompts, meta).items()
+            }
             outputs.append(out)
             host_scores.append(host)
             local_images.append(images)
         cat = lambda *xs: jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-        latents, log_probs, cond, _, jit_scores = jax.tree.map(cat, *outputs)
+        latents, means, cond, _, jit_scores = jax.tree.map(cat, *outputs)
         scores = {**jit_scores, **jax.tree.map(cat, *host_scores)}
-        return latents, log_probs, cond, scores, np.concatenate(local_images), local_prompts
+        return latents, means, cond, scores, np.concatenate(local_images), local_prompts
 
     def _total_reward(self, reward_set: RewardSet, scores: dict) -> jax.Array:
-        return sum(w * scores[n] for n, w in zip(reward_set.names, reward_set.weights,
-                                                  strict=True))
+        return sum(w * scores[n] for n, w in zip(reward_set.names, reward_set.weights, strict=True))
 
     def _epoch_key(self, epoch: int, stream: int) -> jax.Array:
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), epoch),
-                                 stream)
+        key = jax.random.fold_in(
+            jax.random.fold_in(jax.random.key(self.config.seed), epoch), stream
+        )
         return jax.device_put(jax.random.key_data(key), self.repl)
 
     def _reference_priors(self, ids: np.ndarray) -> None:
@@ -287,10 +389,17 @@ class Trainer:
         needs = np.asarray(prior_lib.needs_reference(self.state.prior, jnp.asarray(ids)))
         if not needs.any():
             return
-        *_, scores, _, _ = self._sample_groups(
-            ids, self.prompts, fn=self.rollout_fn, reward_set=self.rewards,
-            reward_params=self.reward_params, trainable=self.ref_trainable,
-            epoch_key=self._epoch_key(self.epoch, 1), bar_desc="reference rollout")
+        *_, scores, _, _ = self.sample_prompts(
+            ids,
+            self.prompts,
+            per_prompt=self.config.sample.group_size,
+            fn=self.rollout_fn,
+            reward_set=self.rewards,
+            reward_params=self.reward_params,
+            trainable=self.ref_trainable,
+            epoch_key=self._epoch_key(self.epoch, 1),
+            bar_desc="reference rollout",
+        )
         total = self._total_reward(self.rewards, scores)
         means = total.reshape(-1, self.config.sample.group_size).mean(axis=1)
         prior = prior_lib.update(self.state.prior, jnp.asarray(ids), means, kind="reference")
@@ -303,12 +412,20 @@ class Trainer:
         bs = self.config.sample.batch_size
         count = -(-n // bs) * bs
         ids = np.arange(count) % len(self.eval_prompts)
-        params = (self.state.ema if cfg.use_ema and self.config.train.ema_decay
-                  else self.state.trainable)
-        _, _, _, scores, images, prompts = self._sample_groups(
-            ids, self.eval_prompts, fn=self.eval_fn, reward_set=self.eval_rewards,
-            reward_params=self.eval_reward_params, trainable=params,
-            epoch_key=self._epoch_key(0, 2), bar_desc="eval")
+        params = (
+            self.state.ema if cfg.use_ema and self.config.train.ema_decay else self.state.trainable
+        )
+        _, _, _, scores, images, prompts = self.sample_prompts(
+            ids,
+            self.eval_prompts,
+            per_prompt=1,
+            fn=self.eval_fn,
+            reward_set=self.eval_rewards,
+            reward_params=self.eval_reward_params,
+            trainable=params,
+            epoch_key=self._epoch_key(0, 2),
+            bar_desc="eval",
+        )
         out = {}
         for name in self.eval_rewards.names:
             block = cfg.rewards[name]
@@ -321,8 +438,12 @@ class Trainer:
         for name, fn in self._jitted.items():
             size = fn._cache_size()
             if name in self._cache_sizes and size > self._cache_sizes[name]:
-                log.warning("%s was recompiled after the first epoch (%d compiled versions): "
-                            "an input shape, dtype or sharding changed", name, size)
+                log.warning(
+                    "%s was recompiled after the first epoch (%d compiled versions): "
+                    "an input shape, dtype or sharding changed",
+                    name,
+                    size,
+                )
             self._cache_sizes[name] = size
 
     def run_epoch(self) -> dict:
@@ -333,10 +454,17 @@ class Trainer:
             self._reference_priors(ids)
 
         t0 = time.perf_counter()
-        latents, log_probs, cond, scores, images, prompts = self._sample_groups(
-            ids, self.prompts, fn=self.rollout_fn, reward_set=self.rewards,
-            reward_params=self.reward_params, trainable=self.state.trainable,
-            epoch_key=self._epoch_key(self.epoch, 0), bar_desc="rollout")
+        latents, means, cond, scores, images, prompts = self.sample_prompts(
+            ids,
+            self.prompts,
+            per_prompt=self.config.sample.group_size,
+            fn=self.rollout_fn,
+            reward_set=self.rewards,
+            reward_params=self.reward_params,
+            trainable=self.state.trainable,
+            epoch_key=self._epoch_key(self.epoch, 0),
+            bar_desc="rollout",
+        )
         total = self._total_reward(self.rewards, scores)
         jax.block_until_ready(total)
         rollout_s = time.perf_counter() - t0
@@ -349,24 +477,33 @@ class Trainer:
             adv, w, crt, prior, adv_metrics = self.adv_fn(self.state.prior, ids_dev, total)
             if self.tracker is not None:
                 all_prompts = [self.prompts.prompts[i] for i in ids for _ in range(g)]
-                adv = jax.device_put(self.tracker.update(all_prompts, np.asarray(total)),
-                                     self.batch_sh)
+                adv = jax.device_put(
+                    self.tracker.update(all_prompts, np.asarray(total)), self.batch_sh
+                )
             self.state = self.state._replace(prior=prior)
-            batch = PolicyBatch(latents, log_probs, cond, adv, w, crt)
+            batch = PolicyBatch(latents, means, cond, adv, w, crt)
             step_metrics = []
             for inner in range(cfg.train.inner_epochs):
                 perm = np.random.default_rng([cfg.seed, self.epoch, inner]).permutation(len(adv))
                 batches = self.shuffle_fn(batch, jax.device_put(perm, self.repl))
                 for u in range(lay["updates_per_inner_epoch"]):
                     mb = jax.tree.map(lambda x, u=u: x[u], batches)
-                    self.state, m = self.train_fn(self.state, mb, self.frozen,
-                                                  self.ref_trainable, self.uncond)
+                    self.state, m = self.train_fn(
+                        self.state, mb, self.frozen, self.ref_trainable, self.uncond
+                    )
                     step_metrics.append(m)
             step_metrics = jax.device_get(step_metrics)
             skipped = int(sum(m["update_skipped"] for m in step_metrics))
-            record.update({k: float(np.mean([m[k] for m in step_metrics]))
-                           for k in step_metrics[0] if k != "update_skipped"})
+            record.update(
+                {
+                    k: float(np.mean([m[k] for m in step_metrics]))
+                    for k in step_metrics[0]
+                    if k != "update_skipped"
+                }
+            )
             record["loss"] = record.pop("policy_loss")
+            # The first update of an epoch is on-policy: its ratios must be exactly 1.
+            record["onpolicy_ratio_max_dev"] = float(step_metrics[0]["ratio_max_dev"])
             record.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
         else:
             skipped = 1
@@ -391,8 +528,9 @@ class Trainer:
             record["reward_std"] = float(np.nanstd(np.asarray(total)))
         if self.logger.enabled and self.epoch % cfg.log.image_every == 0:
             k = cfg.log.num_images
-            self.logger.images("rollout/images", images[: k * g : g], prompts[: k * g : g],
-                               self.samples_seen)
+            self.logger.images(
+                "rollout/images", images[: k * g : g], prompts[: k * g : g], self.samples_seen
+            )
         return record
 
     def train(self) -> list[dict]:
@@ -401,9 +539,13 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, preempted)
         records = []
         try:
-            bar = tqdm(range(self.epoch, cfg.train.num_epochs), desc="epochs",
-                       initial=self.epoch, total=cfg.train.num_epochs,
-                       disable=not self.logger.enabled)
+            bar = tqdm(
+                range(self.epoch, cfg.train.num_epochs),
+                desc="epochs",
+                initial=self.epoch,
+                total=cfg.train.num_epochs,
+                disable=not self.logger.enabled,
+            )
             for epoch in bar:
                 self.epoch = epoch
                 record = self.run_epoch()
@@ -418,7 +560,8 @@ class Trainer:
                         f"{self.consecutive_skips} consecutive updates skipped for non-finite "
                         f"rewards, loss or gradients (train.max_consecutive_skips="
                         f"{cfg.train.max_consecutive_skips}); the last good checkpoint is in "
-                        f"{self.workdir / 'checkpoints'}")
+                        f"{self.workdir / 'checkpoints'}"
+                    )
                 self.epoch = epoch + 1
                 if self.epoch % cfg.checkpoint.every == 0 or last or preempted.flag:
                     self.ckpt.save(self.epoch, self.state, self._meta(), force=True)

@@ -42,7 +42,7 @@ def get_config():
     )
     c.rewards = {"world_clip": {"weight": 1.0}}
     c.advantage.update(method="bpgo", alpha=0.5, k=1.0, lam=1.0, crt_coef=0.5)
-    c.prior.update(kind="moving_average", decay=0.9, init_value=0.5)
+    c.prior.update(kind="moving_average", decay=0.9, init_value=0.1)
     c.train.update(
         num_epochs=30,
         batch_size=32,

@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
         seed=0,
         batch_size=64,
         max_accuracy=0.7,
+        stop_accuracy=0.4,  # stop training once an evaluation reaches this
         num_images=16,
     )
     c.export_dir = ""  # also write generator.msgpack / generator.json here

@@ -138,6 +138,8 @@ def main(argv: list[str]) -> None:
             evals.append(record | {"path": str(path), "loss": losses[-1]})
             append_jsonl(metrics_path, record)
             tqdm.write(f"step {step}: held-out oracle accuracy {acc:.3f} ({cfg.eval.num_prompts})")
+            if acc >= cfg.eval.stop_accuracy:  # good enough; more only eats RL headroom
+                break
 
     chosen = pretrain.pick_checkpoint(evals, cfg.eval.max_accuracy)
     trainable, frozen = load_params(chosen["path"], (state.ema["trainable"], state.ema["frozen"]))

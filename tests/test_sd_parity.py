@@ -7,12 +7,14 @@ then loaded by our loader and compared output for output (fp32, 1e-4).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -22,7 +24,6 @@ transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 from bpgo_jax.models.sd import (  # noqa: E402
-    ddim_step,
     load_scheduler,
     load_sd,
     load_unet,
@@ -32,6 +33,7 @@ from bpgo_jax.models.sd import (  # noqa: E402
 )
 from bpgo_jax.models.sd.config import unet_config_from_dict  # noqa: E402
 from bpgo_jax.models.sd.pipeline import build_model, modules_from_configs  # noqa: E402
+from bpgo_jax.rollout import samplers  # noqa: E402
 
 TOL = 1e-4
 _CA, _DOWN, _CAUP, _UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
@@ -261,8 +263,9 @@ def test_bfloat16_load_and_predict(sd1):
         dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
         dict(beta_schedule="squaredcos_cap_v2", set_alpha_to_one=False),
         dict(beta_schedule="scaled_linear", rescale_betas_zero_snr=True, num_train_timesteps=500),
+        dict(trained_betas=np.linspace(2e-4, 0.03, 200).tolist(), num_train_timesteps=200),
     ],
-    ids=["linear", "scaled_linear", "cosine", "zero_snr"],
+    ids=["linear", "scaled_linear", "cosine", "zero_snr", "trained_betas"],
 )
 def test_scheduler_tables_match_diffusers(tmp_path, kw):
     ref = diffusers.DDIMScheduler(**kw)
@@ -302,54 +305,81 @@ def test_scheduler_defaults_follow_ddim_from_config():
         scheduler_from_dict({"timestep_spacing": "middle"})
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("clip", [False, True])
-def test_ddim_step_eta1_matches_diffusers(prediction, clip):
-    steps, eta = 10, 1.0
-    ref = diffusers.DDIMScheduler(
-        **SCHEDULE | {"clip_sample": clip, "clip_sample_range": 0.8}, prediction_type=prediction
+ENGINE_SCHEDULES = {
+    "epsilon": {},  # the folder's own SD schedule
+    "v_clip": dict(prediction_type="v_prediction", clip_sample=True, clip_sample_range=0.8),
+    "v_zero_snr_trailing": dict(
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    ),
+    "trained_betas": dict(trained_betas=np.linspace(1e-4, 0.03, 1000).tolist()),
+}
+
+
+@pytest.mark.parametrize("overrides", ENGINE_SCHEDULES.values(), ids=ENGINE_SCHEDULES.keys())
+def test_engine_ddim_step_matches_diffusers(sd1, overrides):
+    """The sampler that trains (`make_sampler` + `transition`) vs. `DDIMScheduler.step(eta=1)`.
+
+    The schedule travels the real path: folder -> `sd_model` (+ overrides) ->
+    `model.scheduler_config` -> the engine's tables. Each row of the batch
+    takes a different step, as in training, where samples train their own steps.
+    """
+    steps = 10
+    model, _, _ = sd_model(sd1["folder"], scheduler_overrides=overrides)
+    cfg = ml_collections.ConfigDict(dict(kind="ddim", num_steps=steps, eta=1.0, guidance_scale=1.0))
+    sampler = samplers.make_sampler(cfg, model)
+    ref = diffusers.DDIMScheduler.from_pretrained(
+        os.path.join(sd1["folder"], "scheduler"), **overrides
     )
     ref.set_timesteps(steps)
-    ours = scheduler_from_dict(dict(ref.config))
+    np.testing.assert_array_equal(sampler.tables["model_t"], ref.timesteps.numpy())
+
     rs = np.random.RandomState(7)
-    prev = ours.prev_timesteps(steps)
-    step = jax.jit(ddim_step, static_argnums=(0, 7))
-    for k in (0, 4, steps - 1):  # the last step uses final_alpha_cumprod (prev < 0)
-        t = int(ours.timesteps(steps)[k])
-        x, out, noise = (rs.randn(2, 4, 4, 3).astype(np.float32) for _ in range(3))
-        got, mean, std = step(ours, out, t, int(prev[k]), x, eta, noise, prediction)
-        expect = ref.step(
-            torch.tensor(out), t, torch.tensor(x), eta=eta, variance_noise=torch.tensor(noise)
-        ).prev_sample.numpy()
-        _close(got, expect, 1e-5)
-        variance = float(ref._get_variance(t, int(prev[k])))
-        assert float(std) == pytest.approx(eta * variance**0.5, rel=1e-5)
-        _close(mean + std * noise, got, 1e-6)
-    assert prev[-1] < 0
+    x, out, noise = (rs.randn(steps, 4, 4, 3).astype(np.float32) for _ in range(3))
+    transition = jax.jit(functools.partial(samplers.transition, sampler))
+    mean, std = transition(jnp.arange(steps), x, out)
+    got = mean + std * noise
+    logp = samplers.gaussian_logprob(got, mean, std)
+    for k, t in enumerate(ref.timesteps.tolist()):
+        row = lambda a, k=k: torch.tensor(a[k : k + 1])
+        step = functools.partial(ref.step, row(out), t, row(x), eta=1.0)
+        prev = t - ref.config.num_train_timesteps // steps
+        expect_std = float(ref._get_variance(t, prev)) ** 0.5
+        plain = step(variance_noise=torch.zeros(1, 4, 4, 3))
+        expect_mean = plain.prev_sample.numpy()[0]
+        if np.isnan(expect_mean).all():
+            # Zero terminal SNR: diffusers takes sqrt(1 - a_prev - std^2) of a value that is 0
+            # up to rounding (NaN when it lands below 0); the engine clamps it to 0.
+            assert overrides.get("rescale_betas_zero_snr") and k == 0
+            x0 = plain.pred_original_sample.numpy()[0]
+            expect_mean = float(ref.alphas_cumprod[prev]) ** 0.5 * x0
+            expect = expect_mean + expect_std * noise[k]
+        else:
+            expect = step(variance_noise=row(noise)).prev_sample.numpy()[0]
+        _close(got[k], expect, 1e-5)
+        _close(mean[k], expect_mean, 1e-5)
+        # diffusers builds its tables in float32, we in float64 (then store float32).
+        assert float(std[k].squeeze()) == pytest.approx(expect_std, rel=1e-4)
+        density = -((expect - expect_mean) ** 2) / (2 * expect_std**2) - np.log(expect_std)
+        expect_logp = float(np.mean(density - 0.5 * np.log(2 * np.pi)))
+        assert float(logp[k]) == pytest.approx(expect_logp, rel=1e-4, abs=1e-4)
+    assert ref.timesteps[-1] - ref.config.num_train_timesteps // steps < 0  # final alpha used
 
 
-def test_ddim_step_per_sample_timesteps():
-    """A batch with a different step per row equals the rows stepped one by one."""
-    sched = scheduler_from_dict(dict(SCHEDULE, prediction_type="v_prediction"))
-    rs = np.random.RandomState(8)
-    x, out, noise = (rs.randn(3, 4, 4, 2).astype(np.float32) for _ in range(3))
-    t, prev = np.array([981, 501, 21]), np.array([961, 481, -19])
-    batched, mean, std = ddim_step(sched, out, t, prev, x, 1.0, noise, "v_prediction")
-    assert std.shape == (3, 1, 1, 1)
-    for i in range(3):
-        row, _, _ = ddim_step(
-            sched,
-            out[i : i + 1],
-            t[i],
-            prev[i],
-            x[i : i + 1],
-            1.0,
-            noise[i : i + 1],
-            "v_prediction",
-        )
-        np.testing.assert_allclose(batched[i : i + 1], row, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="prediction_type='flow'"):
-        ddim_step(sched, out, t, prev, x, 1.0, noise, "flow")
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(set_alpha_to_one=True),  # the last step lands on alpha-bar = 1
+        dict(timestep_spacing="linspace"),  # the last step starts at timestep 0
+        dict(steps_offset=0),  # "leading" without offset also ends at timestep 0
+    ],
+    ids=["alpha_to_one", "linspace", "no_offset"],
+)
+def test_engine_refuses_a_deterministic_step(sd1, overrides):
+    """A zero-variance DDIM step has no log-probability to train: refused by name."""
+    model, _, _ = sd_model(sd1["folder"], scheduler_overrides=overrides)
+    cfg = ml_collections.ConfigDict(dict(kind="ddim", num_steps=4, eta=1.0, guidance_scale=1.0))
+    with pytest.raises(ValueError, match="DDIM step 3 .* has zero noise"):
+        samplers.make_sampler(cfg, model)
 
 
 # ---------------------------------------------------------------- loader

@@ -33,8 +33,12 @@ def captioned_grid(images: np.ndarray, captions: list[str], *, tile: int = 128) 
         pil = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
         canvas.paste(pil.resize((tile, tile), Image.NEAREST), (c * tile, r * (tile + text_h)))
         lines = textwrap.wrap(caption, width=tile // 6)[:3]
-        draw.multiline_text((c * tile + 2, r * (tile + text_h) + tile + 1), "\n".join(lines),
-                            fill="black", spacing=1)
+        draw.multiline_text(
+            (c * tile + 2, r * (tile + text_h) + tile + 1),
+            "\n".join(lines),
+            fill="black",
+            spacing=1,
+        )
     return np.asarray(canvas)
 
 
@@ -90,6 +94,9 @@ def truncate_metrics_after(path: Path, epoch: int) -> None:
     """Drops lines of epochs >= `epoch` (written after the checkpoint we resume from)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("epoch", -1) < epoch]
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("epoch", -1) < epoch
+    ]
     path.write_text("".join(line + "\n" for line in keep))

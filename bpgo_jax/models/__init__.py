@@ -19,7 +19,9 @@ from bpgo_jax.models.interface import DiffusionModel
 Params = Any
 
 
-def build_model(cfg: ml_collections.ConfigDict, rng: jax.Array) -> tuple[DiffusionModel, Params, Params]:
+def build_model(
+    cfg: ml_collections.ConfigDict, rng: jax.Array
+) -> tuple[DiffusionModel, Params, Params]:
     """Returns `(model, trainable, frozen)` as host/default-device arrays."""
     if cfg.name == "tiny_unet":
         from bpgo_jax.models.tiny import tiny_model

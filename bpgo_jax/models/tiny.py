@@ -49,9 +49,9 @@ class TextEncoder(nn.Module):
         attn_mask = nn.make_attention_mask(mask, mask)
         for i in range(self.depth):
             h = nn.LayerNorm(dtype=self.dtype, name=f"ln_attn_{i}")(x)
-            x = x + nn.MultiHeadDotProductAttention(
-                self.heads, dtype=self.dtype, name=f"attn_{i}"
-            )(h, h, mask=attn_mask)
+            x = x + nn.MultiHeadDotProductAttention(self.heads, dtype=self.dtype, name=f"attn_{i}")(
+                h, h, mask=attn_mask
+            )
             h = nn.LayerNorm(dtype=self.dtype, name=f"ln_mlp_{i}")(x)
             h = nn.Dense(4 * self.width, dtype=self.dtype, name=f"mlp_in_{i}")(h)
             x = x + nn.Dense(self.width, dtype=self.dtype, name=f"mlp_out_{i}")(nn.gelu(h))

@@ -26,7 +26,8 @@ def split_chunks(tree: PyTree, num_chunks: int, num_shards: int) -> PyTree:
     def split(x):
         if x.shape[0] % (num_chunks * num_shards):
             raise ValueError(
-                f"batch of {x.shape[0]} does not split into {num_chunks} chunks x {num_shards} shards"
+                f"batch of {x.shape[0]} does not split into "
+                f"{num_chunks} chunks x {num_shards} shards"
             )
         x = x.reshape(num_shards, num_chunks, -1, *x.shape[1:])
         return jnp.swapaxes(x, 0, 1).reshape(num_chunks, -1, *x.shape[3:])

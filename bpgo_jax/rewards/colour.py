@@ -24,4 +24,6 @@ def saturation(images: jax.Array) -> jax.Array:
 @register("saturation")
 def _build(cfg: ml_collections.ConfigDict) -> Reward:
     del cfg
-    return Reward(name="saturation", jittable=True, fn=lambda params, images, aux: saturation(images))
+    return Reward(
+        name="saturation", jittable=True, fn=lambda params, images, aux: saturation(images)
+    )

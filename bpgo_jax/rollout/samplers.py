@@ -5,7 +5,8 @@ under the same Gaussian the sampler drew from. `transition` gives that
 Gaussian's mean and std for step k; `sample` runs the whole trajectory in one
 `lax.scan`; the update recomputes `transition` for stored steps. Both reach the
 network only through `guided_prediction`, evaluated in chunks of a fixed
-per-device size, so on-policy ratios are exactly 1.
+per-device size, and the update compares its recomputed step mean with the
+stored one (`log_ratio`), so on-policy ratios are exactly 1.
 """
 
 from __future__ import annotations
@@ -107,11 +108,26 @@ def gaussian_logprob(x_next: jax.Array, mean: jax.Array, std: jax.Array) -> jax.
     return lp.mean(axis=tuple(range(1, lp.ndim)))
 
 
+def log_ratio(x_next: jax.Array, mean: jax.Array, old_mean: jax.Array, std: jax.Array):
+    """log p_new(x_next) - log p_old(x_next) for two Gaussians of equal std.
+
+    Written as one cancellation-free expression rather than a difference of two
+    averaged log-probs: when the recomputed mean equals the rollout's bit for
+    bit, every term is exactly 0, so the on-policy ratio is exactly 1 however
+    XLA orders the reduction; off-policy it avoids subtracting two nearly equal
+    rounded numbers.
+    """
+    d_old, d_new = x_next - old_mean, x_next - mean
+    terms = (d_old**2 - d_new**2) / (2 * std**2)
+    return terms.mean(axis=tuple(range(1, terms.ndim)))
+
+
 class Trajectory(NamedTuple):
     """One rollout, batch-major. `latents[:, k]` is the input of step k."""
 
     latents: jax.Array  # [B, T + 1, *latent]
     log_probs: jax.Array  # [B, T]
+    means: jax.Array  # [B, T, *latent] mean of each step's Gaussian
     timesteps: jax.Array  # [T] model timesteps
 
 
@@ -153,9 +169,14 @@ def sample(
         out = map_in_chunks(predict_chunk, (x, t, cond), num_chunks, num_shards)
         mean, std = transition(sampler, jnp.full((batch,), k), x, out)
         x_next = mean + std * step_noise(keys, k, shape)
-        return x_next, (x_next, gaussian_logprob(x_next, mean, std))
+        return x_next, (x_next, gaussian_logprob(x_next, mean, std), mean)
 
     x0 = initial_noise(keys, shape)
-    _, (xs, log_probs) = jax.lax.scan(body, x0, jnp.arange(sampler.num_steps))
+    _, (xs, log_probs, means) = jax.lax.scan(body, x0, jnp.arange(sampler.num_steps))
     latents = jnp.concatenate([x0[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
-    return Trajectory(latents, jnp.moveaxis(log_probs, 0, 1), jnp.asarray(sampler.tables["model_t"]))
+    return Trajectory(
+        latents,
+        jnp.moveaxis(log_probs, 0, 1),
+        jnp.moveaxis(means, 0, 1),
+        jnp.asarray(sampler.tables["model_t"]),
+    )

@@ -1,7 +1,11 @@
 """Per-step tables of the samplers, computed once on the host in float64.
 
 Rollout and training read the same float32 tables, so the transition mean and
-standard deviation of a step are the same numbers in both places.
+standard deviation of a step are the same numbers in both places. This is the
+one implementation of diffusers' DDPM-family schedule maths (beta schedules,
+`trained_betas`, zero-terminal-SNR rescaling, timestep spacings); schedule
+dicts use diffusers' `scheduler_config.json` keys, and model loaders
+(`bpgo_jax.models.sd.scheduler`) only resolve a checkpoint's config into one.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import math
 
 import numpy as np
 
+# SD 1.x's schedule: what a DDIM model that declares no `scheduler_config` gets,
+# and the base that a partial `scheduler_config` overrides.
 DEFAULT_DDPM = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -19,27 +25,63 @@ DEFAULT_DDPM = {
     "set_alpha_to_one": False,
     "timestep_spacing": "leading",
 }
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def betas(sched: dict) -> np.ndarray:
+    """diffusers' betas, as float64: `trained_betas` if given, else `beta_schedule`.
+
+    `rescale_betas_zero_snr` applies Lin et al. 2023 (zero SNR at the last step).
+    """
+    n = sched["num_train_timesteps"]
+    if sched.get("trained_betas") is not None:
+        out = np.asarray(sched["trained_betas"], np.float64)
+        if out.shape != (n,):
+            raise ValueError(
+                f"scheduler trained_betas has shape {out.shape}, expected ({n},) "
+                "(num_train_timesteps)"
+            )
+    else:
+        kind = sched.get("beta_schedule", "linear")
+        start, end = float(sched.get("beta_start", 0.0001)), float(sched.get("beta_end", 0.02))
+        if kind == "linear":
+            out = np.linspace(start, end, n, dtype=np.float64)
+        elif kind == "scaled_linear":
+            out = np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
+        elif kind == "squaredcos_cap_v2":
+            f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+            out = np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)])
+        else:
+            raise ValueError(f"scheduler beta_schedule={kind!r} is not one of {BETA_SCHEDULES}")
+    if sched.get("rescale_betas_zero_snr", False):
+        out = _rescale_zero_terminal_snr(out)
+    return out
+
+
+def _rescale_zero_terminal_snr(b: np.ndarray) -> np.ndarray:
+    """Shifts and scales sqrt(alpha-bar) so the last step has zero SNR."""
+    root = np.sqrt(np.cumprod(1.0 - b))
+    first, last = root[0], root[-1]
+    abar = ((root - last) * first / (first - last)) ** 2
+    return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
 
 
 def alphas_cumprod(sched: dict) -> np.ndarray:
-    """diffusers' beta schedules, as float64."""
-    n = sched["num_train_timesteps"]
-    kind = sched["beta_schedule"]
-    if kind == "linear":
-        betas = np.linspace(sched["beta_start"], sched["beta_end"], n, dtype=np.float64)
-    elif kind == "scaled_linear":
-        betas = np.linspace(sched["beta_start"] ** 0.5, sched["beta_end"] ** 0.5, n) ** 2
-    elif kind == "squaredcos_cap_v2":
-        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-        betas = np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)])
-    else:
-        raise ValueError(f"unknown beta_schedule {kind!r}")
-    return np.cumprod(1.0 - betas)
+    """alpha-bar of every train timestep, float64."""
+    return np.cumprod(1.0 - betas(sched))
+
+
+def final_alpha_cumprod(sched: dict, abar: np.ndarray) -> float:
+    """alpha-bar "before" timestep 0, where the last DDIM step lands."""
+    return 1.0 if sched.get("set_alpha_to_one", False) else float(abar[0])
 
 
 def ddim_timesteps(sched: dict, num_steps: int) -> np.ndarray:
-    """Descending train timesteps of a `num_steps` DDIM run (diffusers' spacings)."""
+    """Descending int64 train timesteps of a `num_steps` run (`DDIMScheduler.set_timesteps`)."""
     n = sched["num_train_timesteps"]
+    if not 1 <= num_steps <= n:
+        raise ValueError(f"num_inference_steps={num_steps} must be in [1, num_train_timesteps={n}]")
     spacing = sched.get("timestep_spacing", "leading")
     if spacing == "leading":
         ratio = n // num_steps
@@ -49,7 +91,7 @@ def ddim_timesteps(sched: dict, num_steps: int) -> np.ndarray:
     elif spacing == "linspace":
         ts = np.linspace(0, n - 1, num_steps).round()[::-1]
     else:
-        raise ValueError(f"unknown timestep_spacing {spacing!r}")
+        raise ValueError(f"scheduler timestep_spacing={spacing!r} is not one of {SPACINGS}")
     return ts.astype(np.int64)
 
 
@@ -58,16 +100,20 @@ def ddim_tables(sched: dict, num_steps: int, eta: float) -> dict[str, np.ndarray
     abar = alphas_cumprod(sched)
     n = sched["num_train_timesteps"]
     ts = ddim_timesteps(sched, num_steps)
-    prev = ts - n // num_steps
-    final = 1.0 if sched.get("set_alpha_to_one", False) else abar[0]
+    prev = ts - n // num_steps  # DDIM's previous timestep, whatever the spacing
+    final = final_alpha_cumprod(sched, abar)
     a = abar[ts]
     a_prev = np.where(prev >= 0, abar[np.clip(prev, 0, None)], final)
     var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
     std = eta * np.sqrt(var)
     if eta > 0 and np.any(std <= 0):
+        k = int(np.flatnonzero(std <= 0)[0])
         raise ValueError(
-            "sample.eta > 0 but a DDIM step has zero noise (set_alpha_to_one=True makes the last "
-            "step deterministic); set model.scheduler.set_alpha_to_one=False"
+            f"sample.eta > 0 but DDIM step {k} (timestep {ts[k]}) has zero noise, so no "
+            "log-probability to train: the last step is deterministic when it lands on "
+            "alpha-bar = 1 (set_alpha_to_one=True) or starts at timestep 0 (e.g. "
+            "timestep_spacing='linspace', or 'leading' with steps_offset=0); set "
+            "model.scheduler.set_alpha_to_one=False / timestep_spacing / steps_offset"
         )
     return {
         "model_t": ts.astype(np.float32),

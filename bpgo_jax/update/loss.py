@@ -26,7 +26,7 @@ class PolicyBatch(NamedTuple):
     """Rollout samples ready for the update; every leaf has a leading batch axis."""
 
     latents: jax.Array  # [B, T + 1, *latent]
-    log_probs: jax.Array  # [B, T] behaviour-policy log-probs from the rollout
+    means: jax.Array  # [B, T, *latent] behaviour-policy step means from the rollout
     cond: Any  # conditioning pytree
     advantages: jax.Array  # [B]
     ras_weights: jax.Array  # [B] weight of the sample's group
@@ -59,14 +59,11 @@ def step_loss(
     t = jnp.asarray(sampler.tables["model_t"])[k]
     out = samplers.guided_prediction(model, sampler, trainable, frozen, x, t, mb.cond, uncond)
     mean, std = samplers.transition(sampler, k, x, out)
-    logp = samplers.gaussian_logprob(x_next, mean, std)
-    log_ratio = logp - mb.log_probs[rows, k]
+    log_ratio = samplers.log_ratio(x_next, mean, mb.means[rows, k], std)
     ratio = jnp.exp(log_ratio)
     per_sample = mb.ras_weights * clipped_surrogate(ratio, mb.advantages, clip_range)
     if crt_coef:
-        per_sample = per_sample + crt_coef * clipped_surrogate(
-            ratio, mb.crt_advantages, clip_range
-        )
+        per_sample = per_sample + crt_coef * clipped_surrogate(ratio, mb.crt_advantages, clip_range)
     metrics = {}
     if kl_beta:
         ref_out = samplers.guided_prediction(

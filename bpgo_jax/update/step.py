@@ -65,7 +65,7 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """Accumulates gradients over `num_micro` micro-batches x `num_train_steps` steps."""
     rng, perm_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-    batch_size, total_steps = batch.log_probs.shape
+    batch_size, total_steps = batch.means.shape[:2]
     # Each sample trains its own random `num_train_steps` of the trajectory.
     perm_keys = jax.random.split(perm_key, batch_size)
     order = jax.vmap(lambda key: jax.random.permutation(key, total_steps))(perm_keys)

@@ -7,13 +7,12 @@ model, trainable, frozen = sd_model(preset("tiny"), rng=jax.random.key(0))
 from bpgo_jax.models.sd.loader import SDCheckpoint, load_sd, load_unet, load_vae
 from bpgo_jax.models.sd.pipeline import LoraSpec, sd_from_config, sd_model
 from bpgo_jax.models.sd.presets import preset
-from bpgo_jax.models.sd.scheduler import Scheduler, ddim_step, load_scheduler, scheduler_from_dict
+from bpgo_jax.models.sd.scheduler import Scheduler, load_scheduler, scheduler_from_dict
 
 __all__ = [
     "LoraSpec",
     "SDCheckpoint",
     "Scheduler",
-    "ddim_step",
     "load_scheduler",
     "load_sd",
     "load_unet",

@@ -127,7 +127,12 @@ def build_model(
     def unet_params(trainable: Params, frozen: Params) -> Params:
         if lora is None:
             return trainable["unet"]
-        return lora_lib.merge(frozen["unet"], trainable["lora"], alpha=lora.alpha, rank=lora.rank)
+        merged = lora_lib.merge(frozen["unet"], trainable["lora"], alpha=lora.alpha, rank=lora.rank)
+        # Materialise the merged kernels: left fusible, XLA folds the merge into
+        # the consuming convs/matmuls differently in the rollout (forward only)
+        # and in the update (forward + backward), and the on-policy ratio drifts
+        # from 1 by float rounding.
+        return jax.lax.optimization_barrier(merged)
 
     def encode_text(frozen: Params, tokens: jax.Array) -> jax.Array:
         hidden, _ = m.text.apply({"params": frozen["text"]}, tokens)
@@ -256,10 +261,12 @@ def sd_from_config(
     Fields: `init` ("random" or a diffusers folder), `dtype` ("float32" /
     "bfloat16"), optional `preset` ("sd15", "sd21", "tiny"; random init),
     optional `unet` / `vae` / `text_encoder` dicts overriding preset keys,
-    optional `scheduler` dict overriding the schedule (random or loaded),
+    optional `scheduler` dict overriding keys of the schedule (random or
+    loaded; None values are ignored, so configs can declare overridable keys),
     optional `resolution`, optional `variant`, and optional
     `lora` = {rank, alpha (default rank), targets (default: attention projections)}.
-    `config.model.prediction_type` is not read: it comes from the schedule.
+    `config.model.prediction_type` is not read: it comes from the schedule, and
+    a value that disagrees with it is an error rather than silently ignored.
     """
     dtype = jnp.bfloat16 if cfg.get("dtype", "float32") == "bfloat16" else jnp.float32
     lora_cfg = cfg.get("lora", None)
@@ -274,7 +281,9 @@ def sd_from_config(
         dtype=dtype,
         resolution=cfg.get("resolution", None),
         lora=lora,
-        scheduler_overrides=dict(cfg.get("scheduler", None) or {}),
+        scheduler_overrides={
+            k: v for k, v in dict(cfg.get("scheduler", None) or {}).items() if v is not None
+        },
     )
     init = cfg.get("init", "random")
     if init != "random":
@@ -282,8 +291,22 @@ def sd_from_config(
             raise ValueError(
                 f"config.model.init={init!r} is neither 'random' nor a diffusers folder"
             )
-        return sd_model(init, variant=cfg.get("variant", None), **kw)
-    configs = preset(cfg.get("preset", "tiny"))
-    for key in ("unet", "vae", "text_encoder"):
-        configs[key].update(dict(cfg.get(key, None) or {}))
-    return sd_model(configs, **kw)
+        out = sd_model(init, variant=cfg.get("variant", None), **kw)
+    else:
+        configs = preset(cfg.get("preset", "tiny"))
+        for key in ("unet", "vae", "text_encoder"):
+            configs[key].update(dict(cfg.get(key, None) or {}))
+        out = sd_model(configs, **kw)
+    _check_prediction_type(cfg, out[0].prediction_type)
+    return out
+
+
+def _check_prediction_type(cfg: ml_collections.ConfigDict, actual: str) -> None:
+    """A `config.model.prediction_type` that disagrees with the schedule would be ignored."""
+    asked = cfg.get("prediction_type", None)
+    if asked is not None and asked != actual:
+        raise ValueError(
+            f"config.model.prediction_type={asked!r} is not used by SD: the scheduler config "
+            f"decides ({actual!r}); drop the field, or set "
+            "config.model.scheduler.prediction_type to change it"
+        )
