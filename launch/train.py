@@ -18,12 +18,22 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
+_CACHE = flags.DEFINE_string(
+    "compile_cache",
+    str(Path.home() / ".cache" / "bpgo_jax" / "xla"),
+    "Persistent XLA compilation cache ('' disables); a resumed or repeated run skips compiling.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    import jax
+
+    if _CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     from bpgo_jax.config import ConfigError
     from bpgo_jax.train import Trainer
 

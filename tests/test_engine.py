@@ -111,12 +111,16 @@ def test_sharded_matches_unsharded(baseline, tmp_path, shape):
             "advantage_abs_mean",
             "ras_weight_mean",
             "crt_advantage_abs_mean",
-            "loss",
         ):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        # The loss is a mean of +-O(1) terms that nearly cancel: compare it on
+        # the scale of its terms, not relative to its tiny value.
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=0, atol=1e-5)
         assert b["onpolicy_ratio_max_dev"] == 0.0
+    # Adam divides by sqrt(v): for near-zero gradients, summation-order noise
+    # becomes an update of up to lr (1e-3) per step. 1e-5 is 1% of one step.
     got = _params(trainer)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), got, params)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), got, params)
 
 
 def test_sigterm_then_resume_matches_uninterrupted(baseline, tmp_path):

@@ -1,0 +1,32 @@
+"""Runs every method of `config.study` over its seeds and summarises them.
+
+    python launch/study.py --config=configs/study.py --outdir=runs/study
+
+Writes OUTDIR/study.json (every run's metrics), OUTDIR/study.png (training
+reward and held-out oracle accuracy against samples: seed mean and min-max
+band) and OUTDIR/study.md (final scores and samples-to-threshold). Runs are
+resumable: each lives in OUTDIR/METHOD/seed_N.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Study config.", lock_config=False)
+_OUTDIR = flags.DEFINE_string("outdir", None, "Output directory.")
+flags.mark_flags_as_required(["config", "outdir"])
+
+
+def main(argv):
+    del argv
+    from bpgo_jax.study import run_study
+
+    run_study(_CONFIG.value, Path(_OUTDIR.value))
+
+
+if __name__ == "__main__":
+    app.run(main)

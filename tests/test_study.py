@@ -1,0 +1,56 @@
+"""The study's aggregation: curves over seeds, samples-to-threshold, table, plot."""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+from tiny_config import tiny_config
+
+from bpgo_jax import study
+
+
+def _runs(offsets):
+    return [
+        [
+            {
+                "epoch": e,
+                "samples_seen": 16 * (e + 1),
+                "reward_mean": 0.1 * e + o,
+                **({"oracle_accuracy": 0.2 * e + o} if e % 2 == 0 else {}),
+            }
+            for e in range(5)
+        ]
+        for o in offsets
+    ]
+
+
+def _study():
+    return ml_collections.ConfigDict({"threshold_metric": "oracle_accuracy", "threshold": 0.4})
+
+
+def test_curves_and_threshold():
+    c = study.curves(_runs([0.0, 0.1]), "oracle_accuracy")
+    assert c["samples"] == [16, 48, 80]  # epochs where it was logged
+    np.testing.assert_allclose(c["mean"], [0.05, 0.45, 0.85])
+    np.testing.assert_allclose(c["min"], [0.0, 0.4, 0.8])
+    assert study.samples_to_threshold(c, 0.4) == 48
+    assert study.samples_to_threshold(c, 0.9) is None
+
+
+def test_summary_table_and_plot(tmp_path):
+    results = {"grpo": _runs([0.0, 0.02]), "bpgo": _runs([0.05, 0.07])}
+    summary = study.summarise(results, _study())
+    assert summary["bpgo"]["samples_to_threshold"] == 48
+    np.testing.assert_allclose(summary["grpo"]["final_reward"][0], 0.41)
+    md = study.table(summary, _study(), 2)
+    assert "| bpgo | 0.4600 ± 0.0100 | 0.860 ± 0.010 | 48 |" in md
+    study.plot(summary, _study(), tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_run_config_only_changes_method_and_seed(tmp_path):
+    base = tiny_config(tmp_path)
+    base.study = {"seeds": (0,), "methods": {}}
+    cfg = study.run_config(base, {"method": "bpgo", "alpha": 0.0}, seed=7)
+    assert cfg.seed == 7 and cfg.advantage.alpha == 0.0 and "study" not in cfg
+    assert cfg.train == base.train and base.advantage.alpha == 0.5
