@@ -89,7 +89,7 @@ def _rollout(
         lambda z: model.decode(frozen, z), traj.latents[:, -1], num_chunks, num_shards
     )
     scores = reward_set.score_jittable(reward_params, images, aux)
-    return traj.latents, traj.means, cond, images, scores
+    return traj.latents, traj.outputs, cond, images, scores
 
 
 def _advantages(prior_state, ids, rewards, *, cfg, group_size: int):
@@ -332,7 +332,7 @@ class Trainer:
     ):
         """`per_prompt` samples of each prompt `ids` (global), in rollout batches.
 
-        Returns global `(latents, means, cond, scores)` and this host's images
+        Returns global `(latents, network outputs, cond, scores)` and this host's images
         and prompts. `len(ids) * per_prompt` must be a multiple of the rollout
         batch size.
         """
@@ -371,9 +371,9 @@ class Trainer:
             host_scores.append(host)
             local_images.append(images)
         cat = lambda *xs: jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-        latents, means, cond, _, jit_scores = jax.tree.map(cat, *outputs)
+        latents, outs, cond, _, jit_scores = jax.tree.map(cat, *outputs)
         scores = {**jit_scores, **jax.tree.map(cat, *host_scores)}
-        return latents, means, cond, scores, np.concatenate(local_images), local_prompts
+        return latents, outs, cond, scores, np.concatenate(local_images), local_prompts
 
     def _total_reward(self, reward_set: RewardSet, scores: dict) -> jax.Array:
         return sum(w * scores[n] for n, w in zip(reward_set.names, reward_set.weights, strict=True))
@@ -454,7 +454,7 @@ class Trainer:
             self._reference_priors(ids)
 
         t0 = time.perf_counter()
-        latents, means, cond, scores, images, prompts = self.sample_prompts(
+        latents, outs, cond, scores, images, prompts = self.sample_prompts(
             ids,
             self.prompts,
             per_prompt=self.config.sample.group_size,
@@ -481,7 +481,7 @@ class Trainer:
                     self.tracker.update(all_prompts, np.asarray(total)), self.batch_sh
                 )
             self.state = self.state._replace(prior=prior)
-            batch = PolicyBatch(latents, means, cond, adv, w, crt)
+            batch = PolicyBatch(latents, outs, cond, adv, w, crt)
             step_metrics = []
             for inner in range(cfg.train.inner_epochs):
                 perm = np.random.default_rng([cfg.seed, self.epoch, inner]).permutation(len(adv))

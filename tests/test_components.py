@@ -131,16 +131,37 @@ def test_flow_tables_match_the_sde_formula():
     np.testing.assert_allclose(ode["cv"], dt)
 
 
-def test_gaussian_logprob_and_log_ratio():
+def test_gaussian_logprob():
     x = jnp.array([[0.5, -1.0]])
     mean = jnp.array([[0.0, 0.0]])
     std = jnp.array([[2.0]])
     want = np.mean([-(v**2) / 8 - math.log(2) - 0.5 * math.log(2 * math.pi) for v in (0.5, -1)])
     assert float(samplers.gaussian_logprob(x, mean, std)[0]) == pytest.approx(want, rel=1e-6)
-    new_mean = jnp.array([[0.1, 0.2]])
-    direct = samplers.gaussian_logprob(x, new_mean, std) - samplers.gaussian_logprob(x, mean, std)
-    np.testing.assert_allclose(samplers.log_ratio(x, new_mean, mean, std), direct, rtol=1e-5)
-    assert float(samplers.log_ratio(x, mean, mean, std)[0]) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["flow", "ddim_eps", "ddim_v"])
+def test_log_ratio_equals_difference_of_log_probs(kind):
+    if kind == "flow":
+        sampler = samplers.Sampler(
+            "flow", "flow", 4, 1.0, schedules.flow_tables(4, 1.0, "flow_grpo", 0.7)
+        )
+    else:
+        pred = "epsilon" if kind == "ddim_eps" else "v_prediction"
+        tables = schedules.ddim_tables(schedules.DEFAULT_DDPM, 4, 1.0)
+        sampler = samplers.Sampler("ddim", pred, 4, 1.0, tables)
+    keys = jax.random.split(jax.random.key(0), 4)
+    x, x_next, out, old = (jax.random.normal(key, (2, 3, 3, 2)) for key in keys)
+    k = jnp.array([0, 2])
+    lr, mean, std = samplers.log_ratio(sampler, k, x, x_next, out, old)
+    new_mean, new_std = samplers.transition(sampler, k, x, out)
+    old_mean, _ = samplers.transition(sampler, k, x, old)
+    direct = samplers.gaussian_logprob(x_next, new_mean, new_std) - samplers.gaussian_logprob(
+        x_next, old_mean, new_std
+    )
+    np.testing.assert_allclose(lr, direct, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(mean, new_mean, rtol=1e-5, atol=1e-6)
+    same, _, _ = samplers.log_ratio(sampler, k, x, x_next, out, out)
+    assert np.all(np.asarray(same) == 0.0)
 
 
 def test_split_chunks_keeps_rows_on_their_shard():

@@ -165,7 +165,8 @@ def test_ddim_with_guidance_is_on_policy(tmp_path):
             "train.num_epochs": 1,
             "train.kl_beta": 0.01,
             "train.ema_decay": 0.9,
-            "mesh.shape": (4, 2),
+            "mesh.shape": (2, 2),
+            "mesh.num_devices": 4,
         },
     )
     records = Trainer(config, tmp_path / "run").train()

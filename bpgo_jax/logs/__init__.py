@@ -82,11 +82,14 @@ class RunLogger:
 
 
 def _jsonable(value):
+    """Plain JSON values; non-finite floats become null (JSON has no NaN)."""
     if isinstance(value, np.ndarray | jax.Array):
         value = np.asarray(value)
-        return value.item() if value.size == 1 else value.tolist()
+        value = value.item() if value.size == 1 else value.tolist()
     if isinstance(value, np.floating | np.integer):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 

@@ -82,7 +82,7 @@ def merge(base_params: Params, lora_params: Params, *, alpha: float, rank: int) 
     scale = alpha / rank
     flat = dict(traverse_util.flatten_dict(base_params))
     factors = traverse_util.flatten_dict(lora_params)
-    for path in {p[:-1] for p in factors}:
+    for path in sorted({p[:-1] for p in factors}):
         if path not in flat:
             raise ValueError(f"LoRA factor for {'/'.join(path)} has no base kernel")
         w = flat[path]

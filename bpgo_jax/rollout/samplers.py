@@ -5,7 +5,7 @@ under the same Gaussian the sampler drew from. `transition` gives that
 Gaussian's mean and std for step k; `sample` runs the whole trajectory in one
 `lax.scan`; the update recomputes `transition` for stored steps. Both reach the
 network only through `guided_prediction`, evaluated in chunks of a fixed
-per-device size, and the update compares its recomputed step mean with the
+per-device size, and the update compares its recomputed output with the
 stored one (`log_ratio`), so on-policy ratios are exactly 1.
 """
 
@@ -108,18 +108,27 @@ def gaussian_logprob(x_next: jax.Array, mean: jax.Array, std: jax.Array) -> jax.
     return lp.mean(axis=tuple(range(1, lp.ndim)))
 
 
-def log_ratio(x_next: jax.Array, mean: jax.Array, old_mean: jax.Array, std: jax.Array):
-    """log p_new(x_next) - log p_old(x_next) for two Gaussians of equal std.
+def log_ratio(sampler: Sampler, k, x, x_next, out, old_out):
+    """log p_new(x_next) - log p_old(x_next) of step k, and the new mean.
 
-    Written as one cancellation-free expression rather than a difference of two
-    averaged log-probs: when the recomputed mean equals the rollout's bit for
-    bit, every term is exactly 0, so the on-policy ratio is exactly 1 however
-    XLA orders the reduction; off-policy it avoids subtracting two nearly equal
-    rounded numbers.
+    The stored quantity is the behaviour policy's network output, not a
+    log-prob: the step mean is linear in the output, so the new mean is the old
+    one plus `delta`, the linear part applied to `out - old_out`, and
+
+        log p_new - log p_old = mean(delta * (2 (x_next - mu_old) - delta)) / (2 std^2)
+
+    is exactly 0 whenever the recomputed output equals the rollout's bit for
+    bit, however XLA fuses or reorders the arithmetic around it (a difference
+    of two rounded log-probs, or of two separately rounded means, is not).
     """
-    d_old, d_new = x_next - old_mean, x_next - mean
-    terms = (d_old**2 - d_new**2) / (2 * std**2)
-    return terms.mean(axis=tuple(range(1, terms.ndim)))
+    old_mean, std = transition(sampler, k, x, old_out)
+    if sampler.clip_sample is None:
+        delta, _ = transition(sampler, k, jnp.zeros_like(x), out - old_out)
+    else:  # clipping x0 makes the mean non-linear in the output
+        delta = transition(sampler, k, x, out)[0] - old_mean
+    d = x_next - old_mean
+    terms = delta * (2 * d - delta) / (2 * std**2)
+    return terms.mean(axis=tuple(range(1, terms.ndim))), old_mean + delta, std
 
 
 class Trajectory(NamedTuple):
@@ -127,7 +136,7 @@ class Trajectory(NamedTuple):
 
     latents: jax.Array  # [B, T + 1, *latent]
     log_probs: jax.Array  # [B, T]
-    means: jax.Array  # [B, T, *latent] mean of each step's Gaussian
+    outputs: jax.Array  # [B, T, *latent] guided network output of each step
     timesteps: jax.Array  # [T] model timesteps
 
 
@@ -169,14 +178,14 @@ def sample(
         out = map_in_chunks(predict_chunk, (x, t, cond), num_chunks, num_shards)
         mean, std = transition(sampler, jnp.full((batch,), k), x, out)
         x_next = mean + std * step_noise(keys, k, shape)
-        return x_next, (x_next, gaussian_logprob(x_next, mean, std), mean)
+        return x_next, (x_next, gaussian_logprob(x_next, mean, std), out)
 
     x0 = initial_noise(keys, shape)
-    _, (xs, log_probs, means) = jax.lax.scan(body, x0, jnp.arange(sampler.num_steps))
+    _, (xs, log_probs, outs) = jax.lax.scan(body, x0, jnp.arange(sampler.num_steps))
     latents = jnp.concatenate([x0[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
     return Trajectory(
         latents,
         jnp.moveaxis(log_probs, 0, 1),
-        jnp.moveaxis(means, 0, 1),
+        jnp.moveaxis(outs, 0, 1),
         jnp.asarray(sampler.tables["model_t"]),
     )

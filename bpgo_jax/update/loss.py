@@ -26,7 +26,7 @@ class PolicyBatch(NamedTuple):
     """Rollout samples ready for the update; every leaf has a leading batch axis."""
 
     latents: jax.Array  # [B, T + 1, *latent]
-    means: jax.Array  # [B, T, *latent] behaviour-policy step means from the rollout
+    outputs: jax.Array  # [B, T, *latent] behaviour-policy network outputs from the rollout
     cond: Any  # conditioning pytree
     advantages: jax.Array  # [B]
     ras_weights: jax.Array  # [B] weight of the sample's group
@@ -58,8 +58,7 @@ def step_loss(
     x, x_next = mb.latents[rows, k], mb.latents[rows, k + 1]
     t = jnp.asarray(sampler.tables["model_t"])[k]
     out = samplers.guided_prediction(model, sampler, trainable, frozen, x, t, mb.cond, uncond)
-    mean, std = samplers.transition(sampler, k, x, out)
-    log_ratio = samplers.log_ratio(x_next, mean, mb.means[rows, k], std)
+    log_ratio, mean, std = samplers.log_ratio(sampler, k, x, x_next, out, mb.outputs[rows, k])
     ratio = jnp.exp(log_ratio)
     per_sample = mb.ras_weights * clipped_surrogate(ratio, mb.advantages, clip_range)
     if crt_coef:

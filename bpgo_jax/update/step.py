@@ -65,7 +65,7 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """Accumulates gradients over `num_micro` micro-batches x `num_train_steps` steps."""
     rng, perm_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-    batch_size, total_steps = batch.means.shape[:2]
+    batch_size, total_steps = batch.outputs.shape[:2]
     # Each sample trains its own random `num_train_steps` of the trajectory.
     perm_keys = jax.random.split(perm_key, batch_size)
     order = jax.vmap(lambda key: jax.random.permutation(key, total_steps))(perm_keys)
@@ -80,39 +80,38 @@ def train_step(
         kl_beta=kl_beta,
     )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    micro = split_chunks((batch, order), num_micro, num_shards)
+    micro, micro_order = split_chunks((batch, order), num_micro, num_shards)
 
-    def one_micro(grads_acc, inputs):
-        mb, mb_order = inputs
-
-        def one_step(acc, ks):
-            (_, metrics), grads = grad_fn(state.trainable, frozen, ref_trainable, mb, uncond, ks)
-            return jax.tree.map(jnp.add, acc, grads), metrics
-
-        return jax.lax.scan(one_step, grads_acc, jnp.moveaxis(mb_order, 1, 0))
+    def one_step(acc, i):
+        # Item i of the flattened (micro-batch, trained step) loop.
+        m, j = i // num_train_steps, i % num_train_steps
+        mb = jax.tree.map(lambda x: x[m], micro)
+        (_, metrics), grads = grad_fn(
+            state.trainable, frozen, ref_trainable, mb, uncond, micro_order[m][:, j]
+        )
+        return jax.tree.map(jnp.add, acc, grads), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-    grads, metrics = jax.lax.scan(one_micro, zeros, micro)
-    grads = jax.tree.map(lambda g: g / (num_micro * num_train_steps), grads)
+    count = num_micro * num_train_steps
+    grads, metrics = jax.lax.scan(one_step, zeros, jnp.arange(count))
+    grads = jax.tree.map(lambda g: g / count, grads)
     metrics = {
         name: (m.max() if name.endswith("_max_dev") else m.mean()) for name, m in metrics.items()
     }
 
+    def apply(state: TrainState) -> TrainState:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        ema = state.ema
+        if ema_decay:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, trainable)
+        return state._replace(
+            step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema
+        )
+
     finite = _all_finite(grads) & jnp.isfinite(metrics["policy_loss"])
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    ema = state.ema
-    if ema_decay:
-        ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, trainable)
-    new = TrainState(state.step + 1, trainable, opt_state, ema, state.prior, state.rng)
-    keep = lambda n, o: jnp.where(finite, n, o)
-    new = new._replace(
-        trainable=jax.tree.map(keep, new.trainable, state.trainable),
-        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
-        ema=jax.tree.map(keep, new.ema, state.ema),
-        step=jnp.where(finite, new.step, state.step),
-        rng=jax.random.key_data(rng),
-    )
+    new = jax.lax.cond(finite, apply, lambda s: s, state)
+    new = new._replace(rng=jax.random.key_data(rng))
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["update_skipped"] = (~finite).astype(jnp.float32)
     return new, metrics
