@@ -8,6 +8,7 @@ files. Run it through `launch/train.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import signal
@@ -144,6 +145,25 @@ def _shuffle(batch: PolicyBatch, perm, *, num_updates: int) -> PolicyBatch:
     return jax.tree.map(lambda x: x[perm].reshape(num_updates, -1, *x.shape[1:]), batch)
 
 
+def _gathered(model, mesh):
+    """The model with its parameters all-gathered before each network call.
+
+    With an fsdp axis the SPMD partitioner may split the network's matmuls
+    differently in the rollout and in the differentiated update; gathering
+    first makes both compute the same per-device program, so on-policy ratios
+    stay exactly 1. Optimiser state and gradients remain sharded.
+    """
+    replicated = NamedSharding(mesh, P())
+
+    def predict(trainable, frozen, x, t, cond):
+        gather = lambda tree: jax.lax.with_sharding_constraint(
+            tree, jax.tree.map(lambda _: replicated, tree)
+        )
+        return model.predict(gather(trainable), gather(frozen), x, t, cond)
+
+    return dataclasses.replace(model, predict=predict)
+
+
 class Trainer:
     """Holds the compiled functions and host state of one run."""
 
@@ -167,6 +187,8 @@ class Trainer:
 
         root = jax.random.key(config.seed)
         self.model, trainable, frozen = build_model(config.model, jax.random.fold_in(root, 1))
+        if config.mesh.gather_params and self.mesh.shape.get("fsdp", 1) > 1:
+            self.model = _gathered(self.model, self.mesh)
         self.sampler = samplers.make_sampler(config.sample, self.model)
         self.rewards = build_reward_set(config.rewards)
         self.eval_rewards = build_reward_set(config.eval.rewards) if config.eval.rewards else None

@@ -13,13 +13,16 @@ from pathlib import Path
 from configs.common import base_config
 
 ASSETS = Path(__file__).resolve().parents[1] / "bpgo_jax" / "world" / "assets"
+GENERATOR = ASSETS / "generator.msgpack"
 
 
 def get_config():
     c = base_config()
     c.model.update(
         name="tiny_unet",
-        init=str(ASSETS / "generator.msgpack"),
+        # The shipped base generator (launch/pretrain.py); a checkout without
+        # it starts from a random initialisation.
+        init=str(GENERATOR) if GENERATOR.exists() else "random",
         prediction_type="flow",
         resolution=32,
         channels=(32, 64, 64),

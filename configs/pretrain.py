@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip=1.0,
         ema_decay=0.995,
         time_sampling="uniform",
+        time_shift=1.0,  # > 1 trains more at high noise (caption following)
     )
     c.log_every = 25
     c.eval = dict(

@@ -87,7 +87,9 @@ def main(argv: list[str]) -> None:
     if cfg.model.init != "random":  # continue from earlier weights (a checkpoint)
         start_params = load_params(cfg.model.init, model.init(rng))
     state = pretrain.init_state(model, optimizer, rng, start_params)
-    step_fn = pretrain.make_train_step(model, optimizer, tc.ema_decay, tc.time_sampling)
+    step_fn = pretrain.make_train_step(
+        model, optimizer, tc.ema_decay, tc.time_sampling, tc.time_shift
+    )
     step_rng = jax.random.key(cfg.seed + 1)
     data_rng = np.random.default_rng(cfg.seed)
 

@@ -101,6 +101,17 @@ def test_train_step_reduces_loss_and_trains_text_encoder():
     assert float(eval_loss(state.ema)) < 0.9 * before  # the EMA tracks the weights
 
 
+def test_time_shift_moves_training_to_high_noise():
+    rng = jax.random.key(0)
+    base = np.asarray(pretrain.sample_times(rng, 4096, "uniform"))
+    shifted = np.asarray(pretrain.sample_times(rng, 4096, "uniform", 3.0))
+    np.testing.assert_allclose(shifted, 3 * base / (1 + 2 * base), rtol=1e-6)  # s=0.5 -> 0.75
+    assert base.min() > 0.0 and base.max() <= 1.0 and shifted.max() <= 1.0
+    assert abs(np.mean(base > 0.6) - 0.4) < 0.03 and abs(np.mean(shifted > 0.6) - 2 / 3) < 0.03
+    logit = np.asarray(pretrain.sample_times(rng, 4096, "logit_normal"))
+    assert abs(np.median(logit) - 0.5) < 0.03
+
+
 def test_make_train_step_rejects_bad_settings():
     model = tiny_model(tiny_cfg())
     opt = pretrain.make_optimizer(train_cfg())
@@ -108,6 +119,8 @@ def test_make_train_step_rejects_bad_settings():
         pretrain.make_train_step(model, opt, ema_decay=1.0)
     with pytest.raises(ValueError, match="time_sampling"):
         pretrain.make_train_step(model, opt, time_sampling="cosine")
+    with pytest.raises(ValueError, match="time_shift"):
+        pretrain.make_train_step(model, opt, time_shift=0.0)
 
 
 def test_caption_dropout_rate_and_batches():
