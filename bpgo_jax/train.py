@@ -397,6 +397,20 @@ class Trainer:
         scores = {**jit_scores, **jax.tree.map(cat, *host_scores)}
         return latents, outs, cond, scores, np.concatenate(local_images), local_prompts
 
+    def generate(self, ids, prompt_set, *, per_prompt, trainable, epoch_key, bar_desc):
+        """`sample_prompts` scored by the training rewards (rollouts, sampling, priors)."""
+        return self.sample_prompts(
+            ids,
+            prompt_set,
+            per_prompt=per_prompt,
+            fn=self.rollout_fn,
+            reward_set=self.rewards,
+            reward_params=self.reward_params,
+            trainable=trainable,
+            epoch_key=epoch_key,
+            bar_desc=bar_desc,
+        )
+
     def _total_reward(self, reward_set: RewardSet, scores: dict) -> jax.Array:
         return sum(w * scores[n] for n, w in zip(reward_set.names, reward_set.weights, strict=True))
 
@@ -411,13 +425,10 @@ class Trainer:
         needs = np.asarray(prior_lib.needs_reference(self.state.prior, jnp.asarray(ids)))
         if not needs.any():
             return
-        *_, scores, _, _ = self.sample_prompts(
+        *_, scores, _, _ = self.generate(
             ids,
             self.prompts,
             per_prompt=self.config.sample.group_size,
-            fn=self.rollout_fn,
-            reward_set=self.rewards,
-            reward_params=self.reward_params,
             trainable=self.ref_trainable,
             epoch_key=self._epoch_key(self.epoch, 1),
             bar_desc="reference rollout",
@@ -476,13 +487,10 @@ class Trainer:
             self._reference_priors(ids)
 
         t0 = time.perf_counter()
-        latents, outs, cond, scores, images, prompts = self.sample_prompts(
+        latents, outs, cond, scores, images, prompts = self.generate(
             ids,
             self.prompts,
-            per_prompt=self.config.sample.group_size,
-            fn=self.rollout_fn,
-            reward_set=self.rewards,
-            reward_params=self.reward_params,
+            per_prompt=g,
             trainable=self.state.trainable,
             epoch_key=self._epoch_key(self.epoch, 0),
             bar_desc="rollout",

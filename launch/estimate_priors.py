@@ -46,13 +46,10 @@ def main(argv):
         sys.exit(f"error: sample.batch_size={bs} must be a multiple of --k={k}")
     count = -(-n // (bs // k)) * (bs // k)
     ids = np.arange(count) % len(prompts)
-    _, _, _, scores, _, _ = trainer.sample_prompts(
+    _, _, _, scores, _, _ = trainer.generate(
         ids,
         prompts,
         per_prompt=k,
-        fn=trainer.rollout_fn,
-        reward_set=trainer.rewards,
-        reward_params=trainer.reward_params,
         trainable=trainer.state.trainable,
         epoch_key=jax.device_put(jax.random.key_data(jax.random.key(12345)), trainer.repl),
         bar_desc="prior rollouts",

@@ -57,13 +57,10 @@ def main(argv):
     ids = np.arange(count) % n
     state = trainer.state
     params = state.ema if _EMA.value and config.train.ema_decay else state.trainable
-    _, _, _, scores, images, texts = trainer.sample_prompts(
+    _, _, _, scores, images, texts = trainer.generate(
         ids,
         prompts,
         per_prompt=k,
-        fn=trainer.rollout_fn,
-        reward_set=trainer.rewards,
-        reward_params=trainer.reward_params,
         trainable=params,
         epoch_key=jax.device_put(jax.random.key_data(jax.random.key(_SEED.value)), trainer.repl),
         bar_desc="sampling",
