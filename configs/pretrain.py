@@ -9,7 +9,22 @@ The model and sampler blocks are those of configs/image.py, so the exported
 weights load there and the held-out oracle accuracy in generator.json is
 measured with the RL rollout sampler. Of the checkpoints evaluated during
 training, the last whose accuracy is at most `eval.max_accuracy` is shipped
-(RL needs headroom). About 35 minutes on two shared CPU cores.
+(RL needs headroom); training stops early at `eval.stop_accuracy`.
+
+The shipped bpgo_jax/world/assets/generator.msgpack came from three chained
+runs (5,100 steps of batch 32, ~105 min on two shared CPU cores); each
+continues the previous one's last checkpoint with a fresh optimizer, and
+generator.json records every command:
+
+    python launch/pretrain.py --config=configs/pretrain.py --workdir=W1 \
+        --config.train.steps=1800 --config.eval.every=300
+    python launch/pretrain.py --config=configs/pretrain.py --workdir=W2 \
+        --config.model.init=W1/checkpoints/step_1800.msgpack --config.seed=1 \
+        --config.train.steps=2400 --config.train.warmup_steps=50 --config.eval.every=300
+    python launch/pretrain.py --config=configs/pretrain.py --workdir=W3 \
+        --config.model.init=W2/checkpoints/step_2400.msgpack --config.seed=2 \
+        --config.train.steps=900 --config.train.warmup_steps=50 --config.train.time_shift=3.0 \
+        --config.eval.every=300 --config.export_dir=bpgo_jax/world/assets
 """
 
 from pathlib import Path

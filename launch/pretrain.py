@@ -137,7 +137,7 @@ def main(argv: list[str]) -> None:
             path = workdir / "checkpoints" / f"step_{step}.msgpack"
             save_params(path, state.ema["trainable"], state.ema["frozen"])
             record = {"step": step, "oracle_accuracy": acc, "seconds": time.time() - start}
-            evals.append(record | {"path": str(path), "loss": losses[-1]})
+            evals.append(record | {"path": str(path), "loss": losses[-1] if losses else None})
             append_jsonl(metrics_path, record)
             tqdm.write(f"step {step}: held-out oracle accuracy {acc:.3f} ({cfg.eval.num_prompts})")
             if acc >= cfg.eval.stop_accuracy:  # good enough; more only eats RL headroom
