@@ -112,6 +112,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int
         f"train.inner_epochs={config.train.inner_epochs} must be >= 1",
     )
     _check(
+        config.train.accumulate in ("auto", "scan", "host"),
+        f"train.accumulate={config.train.accumulate!r} is not 'auto', 'scan' or 'host'",
+    )
+    _check(
         config.sample.kind in ("ddim", "flow"),
         f"sample.kind={config.sample.kind!r} is not 'ddim' or 'flow'",
     )

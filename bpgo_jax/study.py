@@ -48,37 +48,47 @@ def samples_to_threshold(curve: dict, threshold: float) -> int | None:
 
 
 def summarise(results: dict[str, list[list[dict]]], study) -> dict:
+    """Per method: curves, final values (mean, std over seeds), samples-to-threshold.
+
+    `study.heldout_reward` (optional) names the eval metric of the training
+    reward on fixed held-out prompts and seeds: a far less noisy view of
+    "reward rising" than one epoch's rollout mean, whose prompts change.
+    """
     summary = {}
+    metrics = {"reward": "reward_mean", study.threshold_metric: study.threshold_metric}
+    if study.get("heldout_reward"):
+        metrics["heldout_reward"] = study.heldout_reward
     for name, runs in results.items():
-        reward = curves(runs, "reward_mean")
-        target = curves(runs, study.threshold_metric)
-        summary[name] = {
-            "reward": reward,
-            study.threshold_metric: target,
-            "final_reward": (reward["mean"][-1], reward["std"][-1]) if reward["mean"] else None,
-            "final_" + study.threshold_metric: (
-                (target["mean"][-1], target["std"][-1]) if target["mean"] else None
-            ),
-            "samples_to_threshold": samples_to_threshold(target, study.threshold),
-        }
+        summary[name] = {}
+        for key, metric in metrics.items():
+            c = curves(runs, metric)
+            summary[name][key] = c
+            summary[name]["final_" + key] = (c["mean"][-1], c["std"][-1]) if c["mean"] else None
+        target = summary[name][study.threshold_metric]
+        summary[name]["samples_to_threshold"] = samples_to_threshold(target, study.threshold)
     return summary
+
+
+def _cell(value, digits: int) -> str:
+    return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}" if value else "-"
 
 
 def table(summary: dict, study, num_seeds: int) -> str:
     metric = study.threshold_metric
+    heldout = bool(study.get("heldout_reward"))
     lines = [
-        f"| method | final reward (mean ± std, {num_seeds} seeds) | final {metric} | "
-        f"samples to {metric} ≥ {study.threshold} |",
-        "|---|---|---|---|",
+        f"| method | final reward (mean ± std, {num_seeds} seeds) | "
+        + (f"final held-out reward ({study.heldout_reward}) | " if heldout else "")
+        + f"final {metric} | samples to {metric} ≥ {study.threshold} |",
+        "|---|---|---|---|" + ("---|" if heldout else ""),
     ]
     for name, s in summary.items():
-        fr = s["final_reward"]
-        fm = s["final_" + metric]
         sts = s["samples_to_threshold"]
         lines.append(
-            f"| {name} | {fr[0]:.4f} ± {fr[1]:.4f} | "
-            + (f"{fm[0]:.3f} ± {fm[1]:.3f}" if fm else "-")
-            + f" | {sts if sts is not None else 'not reached'} |"
+            f"| {name} | {_cell(s['final_reward'], 4)} | "
+            + (f"{_cell(s['final_heldout_reward'], 4)} | " if heldout else "")
+            + f"{_cell(s['final_' + metric], 3)} | "
+            + f"{sts if sts is not None else 'not reached'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -90,20 +100,23 @@ def plot(summary: dict, study, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metric = study.threshold_metric
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = [("reward", "training reward (rollout mean)")]
+    if study.get("heldout_reward"):
+        panels.append(("heldout_reward", f"held-out {study.heldout_reward}"))
+    panels.append((metric, f"held-out {metric}"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for name, s in summary.items():
-        for ax, key in zip(axes, ("reward", metric), strict=True):
+        for ax, (key, _) in zip(axes, panels, strict=True):
             c = s[key]
             if not c["samples"]:
                 continue
             (line,) = ax.plot(c["samples"], c["mean"], label=name)
             ax.fill_between(c["samples"], c["min"], c["max"], alpha=0.2, color=line.get_color())
-    axes[0].set_title("training reward (seed mean, min-max band)")
-    axes[1].set_title(f"held-out {metric}")
-    axes[1].axhline(study.threshold, color="grey", ls=":", lw=1)
-    for ax in axes:
+    for ax, (_, title) in zip(axes, panels, strict=True):
+        ax.set_title(f"{title}\n(seed mean, min-max band)", fontsize=10)
         ax.set_xlabel("samples")
         ax.legend()
+    axes[-1].axhline(study.threshold, color="grey", ls=":", lw=1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -37,7 +37,13 @@ from bpgo_jax.prompts import host_slice, load_prompts, prompt_ids
 from bpgo_jax.rewards import RewardSet, build_reward_set
 from bpgo_jax.rollout import samplers
 from bpgo_jax.update.loss import PolicyBatch
-from bpgo_jax.update.step import TrainState, make_optimizer, train_step
+from bpgo_jax.update.step import (
+    HostAccumulatedStep,
+    StepOptions,
+    TrainState,
+    make_optimizer,
+    train_step,
+)
 
 log = logging.getLogger("bpgo_jax")
 
@@ -182,11 +188,19 @@ class Trainer:
         self.shards = mesh_lib.num_batch_shards(self.mesh)
         self.layout = validate(config, self.shards, jax.process_count())
         self.batch_sh = mesh_lib.batch_sharding(self.mesh)
+        self.accumulate = config.train.accumulate
+        if self.accumulate == "auto":
+            self.accumulate = "host" if jax.default_backend() == "cpu" else "scan"
         self.repl = mesh_lib.replicated(self.mesh)
         self.batch_spec = P(mesh_lib.batch_axes(self.mesh))
 
         root = jax.random.key(config.seed)
-        self.model, trainable, frozen = build_model(config.model, jax.random.fold_in(root, 1))
+        rules = tuple(tuple(r) for r in config.mesh.rules)
+        self.model, trainable, frozen = build_model(
+            config.model,
+            jax.random.fold_in(root, 1),
+            sharding_fn=mesh_lib.param_sharding_fn(self.mesh, rules),
+        )
         if config.mesh.gather_params and self.mesh.shape.get("fsdp", 1) > 1:
             self.model = _gathered(self.model, self.mesh)
         self.sampler = samplers.make_sampler(config.sample, self.model)
@@ -205,7 +219,6 @@ class Trainer:
             else None
         )
 
-        rules = tuple(tuple(r) for r in config.mesh.rules)
         trainable = jax.device_put(trainable, mesh_lib.tree_shardings(trainable, self.mesh, rules))
         self.frozen = jax.device_put(frozen, mesh_lib.tree_shardings(frozen, self.mesh, rules))
         copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
@@ -277,29 +290,35 @@ class Trainer:
             out_shardings=NamedSharding(self.mesh, P(None, mesh_lib.batch_axes(self.mesh))),
         )
         t = cfg.train
-        self.train_fn = jax.jit(
-            functools.partial(
-                train_step,
-                model=self.model,
-                sampler=self.sampler,
-                optimizer=self.optimizer,
-                num_micro=lay["micro_per_update"],
-                num_shards=self.shards,
-                num_train_steps=lay["trained_steps"],
-                clip_range=t.clip_range,
-                crt_coef=cfg.advantage.crt_coef if cfg.advantage.method == "bpgo" else 0.0,
-                kl_beta=t.kl_beta,
-                ema_decay=t.ema_decay,
-            ),
-            donate_argnums=(0,),
-            out_shardings=(self.state_sh, self.repl),
+        opts = StepOptions(
+            model=self.model,
+            sampler=self.sampler,
+            optimizer=self.optimizer,
+            num_micro=lay["micro_per_update"],
+            num_shards=self.shards,
+            num_train_steps=lay["trained_steps"],
+            clip_range=t.clip_range,
+            crt_coef=cfg.advantage.crt_coef if cfg.advantage.method == "bpgo" else 0.0,
+            kl_beta=t.kl_beta,
+            ema_decay=t.ema_decay,
         )
         self._jitted = {
             "rollout": self.rollout_fn,
             "advantages": self.adv_fn,
             "shuffle": self.shuffle_fn,
-            "train_step": self.train_fn,
         }
+        if self.accumulate == "host":
+            self.train_fn = HostAccumulatedStep(
+                opts, state_shardings=self.state_sh, metric_sharding=self.repl
+            )
+            self._jitted.update({f"train_{k}": f for k, f in self.train_fn.jitted.items()})
+        else:
+            self.train_fn = jax.jit(
+                functools.partial(train_step, opts=opts),
+                donate_argnums=(0,),
+                out_shardings=(self.state_sh, self.repl),
+            )
+            self._jitted["train_step"] = self.train_fn
         self._cache_sizes: dict[str, int] = {}
 
     def _meta(self) -> dict:
@@ -576,6 +595,9 @@ class Trainer:
                 total=cfg.train.num_epochs,
                 disable=not self.logger.enabled,
             )
+            if self.eval_rewards is not None and self.epoch == 0:
+                # The starting policy's scores: the point every curve starts from.
+                self.logger.metrics({"epoch": 0, "samples_seen": 0, **self.evaluate()})
             for epoch in bar:
                 self.epoch = epoch
                 record = self.run_epoch()

@@ -80,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
         weight_decay=1e-4,
         max_grad_norm=1.0,
         max_consecutive_skips=3,
+        # Gradient accumulation loop: "scan" (one jitted update), "host" (a
+        # jitted per-item gradient called from Python; much faster on XLA:CPU),
+        # or "auto" (host on CPU, scan elsewhere).
+        accumulate="auto",
     )
     c.eval = dict(
         rewards=ml_collections.ConfigDict(), prompts_path="", num_prompts=64, every=5, use_ema=True

@@ -46,12 +46,16 @@ def get_config():
     c.rewards = {"world_clip": {"weight": 1.0}}
     c.advantage.update(method="bpgo", alpha=0.5, k=1.0, lam=1.0, crt_coef=0.5)
     c.prior.update(kind="moving_average", decay=0.9, init_value=0.1)
+    # One on-policy update per epoch on all 64 samples; the KL to the initial
+    # policy keeps the full fine-tune from drifting (without it, held-out
+    # reward fell in our runs, see README "Status").
     c.train.update(
         num_epochs=30,
-        batch_size=32,
+        batch_size=64,
         micro_batch_size=16,
         timestep_fraction=0.5,
         lr=3e-4,
+        kl_beta=0.04,
         ema_decay=0.0,
     )
     c.eval.update(
@@ -60,7 +64,7 @@ def get_config():
             "world_clip": {"weight": 1.0},
         },
         prompts_path=str(ASSETS / "prompts_heldout.jsonl"),
-        num_prompts=64,
+        num_prompts=128,
         every=5,
     )
     return c

@@ -4,8 +4,11 @@
 
 Every method runs with the same base config (configs/image.py) and the same
 sample budget; only the advantage settings differ. No method got its own
-hyper-parameter search: all share the paper's public defaults
-(alpha = 0.5, k = 1, lambda = 1, s = 0.5).
+hyper-parameter search: all share configs/image.py's training settings and
+the paper's public BPGO defaults (alpha = 0.5, k = 1, lambda = 1, s = 0.5).
+The default budget (10 epochs x 64 samples per run, 12 runs) fits in about
+45 minutes on 2 CPU cores; `--config.train.num_epochs=30` runs the full
+default-training budget per run (about 2 h).
 """
 
 from configs import image
@@ -13,6 +16,8 @@ from configs import image
 
 def get_config():
     c = image.get_config()
+    c.train.num_epochs = 10
+    c.eval.every = 3  # + the starting policy and the last epoch
     c.study = dict(
         seeds=(0, 1, 2),
         methods={
@@ -21,9 +26,11 @@ def get_config():
             "ras_only": {"method": "bpgo", "alpha": 0.5, "crt_coef": 0.0},
             "crt_only": {"method": "bpgo", "alpha": 0.0, "crt_coef": 0.5},
         },
-        # samples-to-threshold: first eval whose seed-mean oracle accuracy reaches it
+        # samples-to-threshold: first eval whose seed-mean oracle accuracy
+        # reaches it (the shipped generator starts near 0.10 on these prompts)
         threshold_metric="oracle_accuracy",
-        threshold=0.5,
+        threshold=0.15,
+        heldout_reward="eval_world_clip",
     )
     c.log.tensorboard = False
     return c

@@ -10,6 +10,7 @@ file with a `prior` field on every line; train with it through
 """
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ flags.mark_flags_as_required(["config", "workdir", "output"])
 
 def main(argv):
     del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines
     import jax
     import numpy as np
 

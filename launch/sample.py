@@ -10,6 +10,7 @@ the config's rewards for each image).
 """
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ flags.mark_flags_as_required(["config", "workdir", "outdir"])
 
 def main(argv):
     del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines
     import jax
     import numpy as np
     from PIL import Image

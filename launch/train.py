@@ -28,6 +28,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     import jax
 

@@ -4,6 +4,8 @@
   training micro-batch, for the flow SDE and for DDIM with CFG;
 - one device and 8 devices in two mesh shapes give the same rewards,
   advantages and updated parameters;
+- gradient accumulation as one scanned update (GPU/TPU default) and as a
+  host loop of jitted per-item gradients (CPU default) give the same run;
 - an interrupted (SIGTERM) and resumed run reproduces the uninterrupted one;
 - non-finite rewards skip updates and abort after too many, keeping the
   last checkpoint.
@@ -88,6 +90,7 @@ def _strip(record):
 
 def test_baseline_trains_on_policy(baseline):
     records, _ = baseline
+    assert jax.default_backend() == "cpu"  # so the baseline used the host loop
     assert len(records) == 2
     for r in records:
         assert r["onpolicy_ratio_max_dev"] == 0.0
@@ -97,13 +100,8 @@ def test_baseline_trains_on_policy(baseline):
     assert records[1]["prior_mean"] != records[0]["prior_mean"]  # moving-average prior moved
 
 
-@pytest.mark.parametrize("shape", [(8, 1), (4, 2)])
-def test_sharded_matches_unsharded(baseline, tmp_path, shape):
-    records, params = baseline
-    trainer = Trainer(_config(tmp_path, **{"mesh.shape": shape}), tmp_path / "run")
-    assert trainer.mesh.devices.size == 8
-    sharded = trainer.train()
-    for a, b in zip(records, sharded, strict=True):
+def _assert_same_run(records, params, other_records, trainer):
+    for a, b in zip(records, other_records, strict=True):
         for key in (
             "reward_mean",
             "reward_std",
@@ -121,6 +119,21 @@ def test_sharded_matches_unsharded(baseline, tmp_path, shape):
     # becomes an update of up to lr (1e-3) per step. 1e-5 is 1% of one step.
     got = _params(trainer)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), got, params)
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2)])
+def test_sharded_matches_unsharded(baseline, tmp_path, shape):
+    trainer = Trainer(_config(tmp_path, **{"mesh.shape": shape}), tmp_path / "run")
+    assert trainer.mesh.devices.size == 8
+    _assert_same_run(*baseline, trainer.train(), trainer)
+
+
+def test_scanned_accumulation_matches_host_loop(baseline, tmp_path):
+    # The baseline (CPU) accumulates with a host loop; GPU/TPU default to scan.
+    config = _config(tmp_path, **{"mesh.num_devices": 1, "train.accumulate": "scan"})
+    trainer = Trainer(config, tmp_path / "run")
+    assert "train_step" in trainer._jitted
+    _assert_same_run(*baseline, trainer.train(), trainer)
 
 
 def test_sigterm_then_resume_matches_uninterrupted(baseline, tmp_path):
@@ -165,14 +178,23 @@ def test_ddim_with_guidance_is_on_policy(tmp_path):
             "train.num_epochs": 1,
             "train.kl_beta": 0.01,
             "train.ema_decay": 0.9,
+            "train.accumulate": "scan",
             "mesh.shape": (2, 2),
             "mesh.num_devices": 4,
+            "eval.rewards": {"saturation": {"weight": 1.0, "log_as": "eval_sat"}},
+            "eval.prompts_path": str(tmp_path / "prompts.txt"),
+            "eval.num_prompts": 4,
         },
     )
     records = Trainer(config, tmp_path / "run").train()
     assert records[0]["onpolicy_ratio_max_dev"] == 0.0
     assert records[0]["approx_kl"] == 0.0
     assert np.isfinite(records[0]["kl_ref"])
+    # Evaluation logs the starting policy first, then after the epoch's update.
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["samples_seen"] for x in lines] == [0, 16]
+    assert set(lines[0]) == {"epoch", "samples_seen", "eval_sat"}
+    assert lines[1]["eval_sat"] != lines[0]["eval_sat"]  # EMA weights moved
 
 
 def test_non_finite_rewards_skip_then_abort(tmp_path):

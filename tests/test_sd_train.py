@@ -119,6 +119,24 @@ def test_lora_run_trains_checkpoints_and_resumes(folders, tmp_path):
     assert [r["ratio_max_dev"] for r in records] == [0.0, 0.0, 0.0]
 
 
+@pytest.mark.slow
+def test_full_fine_tune_run_trains_the_sharded_unet(folders, tmp_path):
+    # lora.rank=0: the whole UNet is trainable, its kernels FSDP-sharded over
+    # the two devices (loaded straight onto their shards), KL to the frozen copy.
+    workdir = tmp_path / "full"
+    _launch(
+        folders,
+        workdir,
+        "--config.model.lora.rank=0",
+        "--config.train.num_epochs=1",
+        "--config.train.kl_beta=0.01",
+    )
+    (record,) = _records(workdir)
+    assert record["ratio_max_dev"] == 0.0 and record["approx_kl"] == 0.0
+    assert np.isfinite(record["loss"]) and record["grad_norm"] > 0
+    assert np.isfinite(record["kl_ref"]) and record["skipped_updates"] == 0
+
+
 # ------------------------------------------------------------------ configs
 
 
@@ -191,3 +209,27 @@ def test_sd_refuses_a_prediction_type_it_would_ignore(folders):
     )
     assert sd_from_config(cfg, jax.random.key(0))[0].prediction_type == "v_prediction"
     assert model.prediction_type == "epsilon"
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_loaded_weights_land_on_their_rule_shardings(folders, lora_rank):
+    # What Trainer does: each tensor is placed as it is read, by the same rules
+    # that shard the training state, so the later device_put moves nothing.
+    c = sd_aesthetic.get_config()
+    rules = tuple(tuple(r) for r in c.mesh.rules)
+    mesh = mesh_lib.make_mesh((2, 4), c.mesh.axes)
+    cfg = ml_collections.ConfigDict(dict(name="sd", init=folders["sd"], lora=dict(rank=lora_rank)))
+    _, trainable, frozen = sd_from_config(
+        cfg, jax.random.key(0), sharding_fn=mesh_lib.param_sharding_fn(mesh, rules)
+    )
+    unet = (frozen if lora_rank else trainable)["unet"]
+    placed = {"unet": unet, "text": frozen["text"], "vae": frozen["vae"]}
+    want = mesh_lib.tree_shardings(placed, mesh, rules)
+    flat = jax.tree_util.tree_flatten_with_path(placed)[0]
+    for (path, x), s in zip(flat, jax.tree.leaves(want), strict=True):
+        name = jax.tree_util.keystr(path)
+        assert x.sharding.is_equivalent_to(s, x.ndim), f"{name} on {x.sharding}, rules say {s}"
+    kernel = unet["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
+    assert kernel.sharding.spec == P(None, None, None, "fsdp")
+    assert len(kernel.addressable_shards[0].data.shape) == 4
+    assert kernel.addressable_shards[0].data.shape[-1] == kernel.shape[-1] // 4

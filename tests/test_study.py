@@ -16,7 +16,7 @@ def _runs(offsets):
                 "epoch": e,
                 "samples_seen": 16 * (e + 1),
                 "reward_mean": 0.1 * e + o,
-                **({"oracle_accuracy": 0.2 * e + o} if e % 2 == 0 else {}),
+                **({"oracle_accuracy": 0.2 * e + o, "eval_r": 0.3 + o} if e % 2 == 0 else {}),
             }
             for e in range(5)
         ]
@@ -24,8 +24,10 @@ def _runs(offsets):
     ]
 
 
-def _study():
-    return ml_collections.ConfigDict({"threshold_metric": "oracle_accuracy", "threshold": 0.4})
+def _study(**kw):
+    return ml_collections.ConfigDict(
+        {"threshold_metric": "oracle_accuracy", "threshold": 0.4, **kw}
+    )
 
 
 def test_curves_and_threshold():
@@ -45,6 +47,19 @@ def test_summary_table_and_plot(tmp_path):
     md = study.table(summary, _study(), 2)
     assert "| bpgo | 0.4600 ± 0.0100 | 0.860 ± 0.010 | 48 |" in md
     study.plot(summary, _study(), tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_heldout_reward_column_and_panel(tmp_path):
+    results = {"grpo": _runs([0.0, 0.02]), "bpgo": _runs([0.05, 0.07])}
+    cfg = _study(heldout_reward="eval_r")
+    summary = study.summarise(results, cfg)
+    np.testing.assert_allclose(summary["bpgo"]["final_heldout_reward"], (0.36, 0.01))
+    md = study.table(summary, cfg, 2)
+    assert "final held-out reward (eval_r)" in md.splitlines()[0]
+    assert "| bpgo | 0.4600 ± 0.0100 | 0.3600 ± 0.0100 | 0.860 ± 0.010 | 48 |" in md
+    assert md.splitlines()[1] == "|---|---|---|---|---|"
+    study.plot(summary, cfg, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
 
 

@@ -20,9 +20,15 @@ Params = Any
 
 
 def build_model(
-    cfg: ml_collections.ConfigDict, rng: jax.Array
+    cfg: ml_collections.ConfigDict, rng: jax.Array, sharding_fn=None
 ) -> tuple[DiffusionModel, Params, Params]:
-    """Returns `(model, trainable, frozen)` as host/default-device arrays."""
+    """Returns `(model, trainable, frozen)`.
+
+    Loaded real weights are placed tensor by tensor with `sharding_fn(path,
+    shape)` (paths as in the returned trees, e.g. `("unet", "conv_in",
+    "kernel")`), so a large model never sits whole on one device; the built-in
+    model and random initialisations land on the default device.
+    """
     if cfg.name == "tiny_unet":
         from bpgo_jax.models.tiny import tiny_model
 
@@ -34,7 +40,7 @@ def build_model(
     if cfg.name == "sd":
         from bpgo_jax.models.sd.pipeline import sd_from_config
 
-        return sd_from_config(cfg, rng)
+        return sd_from_config(cfg, rng, sharding_fn=sharding_fn)
     raise ValueError(f"config.model.name={cfg.name!r} is not one of: tiny_unet, sd")
 
 

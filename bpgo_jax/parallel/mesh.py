@@ -98,3 +98,11 @@ def tree_shardings(tree: Any, mesh: Mesh, rules) -> Any:
         lambda path, x: NamedSharding(mesh, spec_for(path_string(path), np.shape(x), mesh, rules)),
         tree,
     )
+
+
+def param_sharding_fn(mesh: Mesh, rules):
+    """`sharding_fn(path, shape)` for weight loaders: each tensor goes straight to
+    the sharding the rules give its '/'-joined path (same names as `tree_shardings`)."""
+    return lambda path, shape: NamedSharding(
+        mesh, spec_for("/".join(map(str, path)), tuple(shape), mesh, rules)
+    )

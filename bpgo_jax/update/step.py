@@ -1,9 +1,17 @@
-"""One optimiser update from a batch of rollout samples, as one jitted function.
+"""One optimiser update from a batch of rollout samples.
 
-Gradients are accumulated inside jit over micro-batches and trained denoising
-steps with a single parameter-sized carry (no buffer per step). Each sample
-trains on its own random subset of steps (DDPO's `timestep_fraction`).
-Non-finite loss or gradients leave the state untouched and are reported.
+Gradients are accumulated over micro-batches x trained denoising steps with a
+single parameter-sized accumulator (no buffer per step). Each sample trains on
+its own random subset of steps (DDPO's `timestep_fraction`). Non-finite loss
+or gradients leave the state untouched and are reported.
+
+Two ways to run the accumulation loop, same arithmetic:
+- `train_step`: everything in one jitted function, the loop a `lax.scan`
+  (GPU/TPU: one dispatch per update).
+- `HostAccumulatedStep`: the loop on the host around a jitted single-item
+  gradient function. XLA:CPU runs a UNet's backward pass inside a while loop
+  many times slower than the same pass as its own program (measured 36x on the
+  built-in model, see README), so this is the CPU default.
 """
 
 from __future__ import annotations
@@ -32,6 +40,25 @@ class TrainState(NamedTuple):
     rng: jax.Array  # raw uint32 key data, checkpointable
 
 
+class StepOptions(NamedTuple):
+    """Static settings of one update, shared by both accumulation loops."""
+
+    model: Any
+    sampler: Any
+    optimizer: optax.GradientTransformation
+    num_micro: int
+    num_shards: int
+    num_train_steps: int
+    clip_range: float
+    crt_coef: float
+    kl_beta: float
+    ema_decay: float
+
+    @property
+    def count(self) -> int:
+        return self.num_micro * self.num_train_steps
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
     """AdamW with global-norm clipping, from `config.train`."""
     return optax.chain(
@@ -45,6 +72,63 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+def _prepare(state: TrainState, batch: PolicyBatch, opts: StepOptions):
+    """Micro-batches, each sample's trained step indices, and the next rng."""
+    rng, perm_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    batch_size, total_steps = batch.outputs.shape[:2]
+    perm_keys = jax.random.split(perm_key, batch_size)
+    order = jax.vmap(lambda key: jax.random.permutation(key, total_steps))(perm_keys)
+    order = order[:, : opts.num_train_steps]
+    micro, micro_order = split_chunks((batch, order), opts.num_micro, opts.num_shards)
+    return micro, micro_order, jax.random.key_data(rng)
+
+
+def _accumulate(
+    acc, i, trainable, frozen, ref_trainable, micro, micro_order, uncond, opts: StepOptions
+):
+    """Adds the gradient of item `i` of the flattened (micro-batch, step) loop to `acc`."""
+    loss_fn = functools.partial(
+        step_loss,
+        model=opts.model,
+        sampler=opts.sampler,
+        clip_range=opts.clip_range,
+        crt_coef=opts.crt_coef,
+        kl_beta=opts.kl_beta,
+    )
+    m, j = i // opts.num_train_steps, i % opts.num_train_steps
+    mb = jax.tree.map(lambda x: x[m], micro)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, frozen, ref_trainable, mb, uncond, micro_order[m][:, j]
+    )
+    return jax.tree.map(jnp.add, acc, grads), metrics
+
+
+def _finish(state: TrainState, grads, metrics, rng, opts: StepOptions):
+    """Averages, applies the update if everything is finite, reduces metrics."""
+    grads = jax.tree.map(lambda g: g / opts.count, grads)
+    metrics = {
+        name: (m.max() if name.endswith("_max_dev") else m.mean()) for name, m in metrics.items()
+    }
+
+    def apply(state: TrainState) -> TrainState:
+        updates, opt_state = opts.optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        ema = state.ema
+        if opts.ema_decay:
+            d = opts.ema_decay
+            ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, trainable)
+        return state._replace(
+            step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema
+        )
+
+    finite = _all_finite(grads) & jnp.isfinite(metrics["policy_loss"])
+    new = jax.lax.cond(finite, apply, lambda s: s, state)
+    new = new._replace(rng=rng)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["update_skipped"] = (~finite).astype(jnp.float32)
+    return new, metrics
+
+
 def train_step(
     state: TrainState,
     batch: PolicyBatch,
@@ -52,66 +136,68 @@ def train_step(
     ref_trainable: Params | None,
     uncond: Any,
     *,
-    model,
-    sampler,
-    optimizer: optax.GradientTransformation,
-    num_micro: int,
-    num_shards: int,
-    num_train_steps: int,
-    clip_range: float,
-    crt_coef: float,
-    kl_beta: float,
-    ema_decay: float,
+    opts: StepOptions,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Accumulates gradients over `num_micro` micro-batches x `num_train_steps` steps."""
-    rng, perm_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-    batch_size, total_steps = batch.outputs.shape[:2]
-    # Each sample trains its own random `num_train_steps` of the trajectory.
-    perm_keys = jax.random.split(perm_key, batch_size)
-    order = jax.vmap(lambda key: jax.random.permutation(key, total_steps))(perm_keys)
-    order = order[:, :num_train_steps]
+    """The whole update as one function: the accumulation loop is a `lax.scan`."""
+    micro, micro_order, rng = _prepare(state, batch, opts)
 
-    loss_fn = functools.partial(
-        step_loss,
-        model=model,
-        sampler=sampler,
-        clip_range=clip_range,
-        crt_coef=crt_coef,
-        kl_beta=kl_beta,
-    )
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    micro, micro_order = split_chunks((batch, order), num_micro, num_shards)
-
-    def one_step(acc, i):
-        # Item i of the flattened (micro-batch, trained step) loop.
-        m, j = i // num_train_steps, i % num_train_steps
-        mb = jax.tree.map(lambda x: x[m], micro)
-        (_, metrics), grads = grad_fn(
-            state.trainable, frozen, ref_trainable, mb, uncond, micro_order[m][:, j]
+    def body(acc, i):
+        return _accumulate(
+            acc, i, state.trainable, frozen, ref_trainable, micro, micro_order, uncond, opts
         )
-        return jax.tree.map(jnp.add, acc, grads), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-    count = num_micro * num_train_steps
-    grads, metrics = jax.lax.scan(one_step, zeros, jnp.arange(count))
-    grads = jax.tree.map(lambda g: g / count, grads)
-    metrics = {
-        name: (m.max() if name.endswith("_max_dev") else m.mean()) for name, m in metrics.items()
-    }
+    grads, metrics = jax.lax.scan(body, zeros, jnp.arange(opts.count))
+    return _finish(state, grads, metrics, rng, opts)
 
-    def apply(state: TrainState) -> TrainState:
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-        ema = state.ema
-        if ema_decay:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, trainable)
-        return state._replace(
-            step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema
+
+class HostAccumulatedStep:
+    """`train_step` with its accumulation loop on the host: three jitted pieces.
+
+    Same inputs, outputs and arithmetic (the accumulator starts at zero and
+    adds item by item in the same order). `state` and the accumulator are
+    donated, so no step holds two copies of either.
+    """
+
+    def __init__(self, opts: StepOptions, *, state_shardings, metric_sharding):
+        self.opts = opts
+        self.prepare = jax.jit(functools.partial(_prepare, opts=opts))
+        # Pinned output shardings: the accumulator keeps one layout, so the
+        # (expensive) gradient function compiles once.
+        self.accumulate = jax.jit(
+            functools.partial(_accumulate, opts=opts),
+            donate_argnums=(0,),
+            out_shardings=(state_shardings.trainable, metric_sharding),
         )
+        self.zeros = jax.jit(
+            lambda t: jax.tree.map(jnp.zeros_like, t), out_shardings=state_shardings.trainable
+        )
+        self.finish = jax.jit(
+            functools.partial(_finish, opts=opts),
+            donate_argnums=(0,),
+            out_shardings=(state_shardings, metric_sharding),
+        )
+        self.jitted = {
+            "prepare": self.prepare,
+            "accumulate": self.accumulate,
+            "finish": self.finish,
+        }
 
-    finite = _all_finite(grads) & jnp.isfinite(metrics["policy_loss"])
-    new = jax.lax.cond(finite, apply, lambda s: s, state)
-    new = new._replace(rng=jax.random.key_data(rng))
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["update_skipped"] = (~finite).astype(jnp.float32)
-    return new, metrics
+    def __call__(self, state, batch, frozen, ref_trainable, uncond):
+        micro, micro_order, rng = self.prepare(state, batch)
+        acc = self.zeros(state.trainable)
+        metrics = []
+        for i in range(self.opts.count):
+            acc, m = self.accumulate(
+                acc,
+                jnp.int32(i),
+                state.trainable,
+                frozen,
+                ref_trainable,
+                micro,
+                micro_order,
+                uncond,
+            )
+            metrics.append(m)
+        metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+        return self.finish(state, acc, metrics, rng)

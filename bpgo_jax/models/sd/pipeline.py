@@ -254,7 +254,7 @@ def sd_model(
 
 
 def sd_from_config(
-    cfg: ml_collections.ConfigDict, rng: jax.Array
+    cfg: ml_collections.ConfigDict, rng: jax.Array, sharding_fn=None
 ) -> tuple[DiffusionModel, Params, Params]:
     """`config.model` with name="sd" -> `(model, trainable, frozen)`.
 
@@ -267,6 +267,7 @@ def sd_from_config(
     `lora` = {rank, alpha (default rank), targets (default: attention projections)}.
     `config.model.prediction_type` is not read: it comes from the schedule, and
     a value that disagrees with it is an error rather than silently ignored.
+    `sharding_fn(path, shape)` places each loaded tensor as it is read.
     """
     dtype = jnp.bfloat16 if cfg.get("dtype", "float32") == "bfloat16" else jnp.float32
     lora_cfg = cfg.get("lora", None)
@@ -291,7 +292,7 @@ def sd_from_config(
             raise ValueError(
                 f"config.model.init={init!r} is neither 'random' nor a diffusers folder"
             )
-        out = sd_model(init, variant=cfg.get("variant", None), **kw)
+        out = sd_model(init, variant=cfg.get("variant", None), sharding_fn=sharding_fn, **kw)
     else:
         configs = preset(cfg.get("preset", "tiny"))
         for key in ("unet", "vae", "text_encoder"):
