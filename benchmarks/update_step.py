@@ -2,9 +2,9 @@
 
     python benchmarks/update_step.py --mode=both
 
-Uses configs/image.py's model, sampler and update layout (batch 32 = 2
-micro-batches of 16, 5 of 10 steps trained) on random rollout data, so the
-numbers are those of the default run's update. Prints compile time and the
+Uses configs/image.py's model, sampler, loss and update layout (batch 64 =
+4 micro-batches of 16, 5 of 10 steps trained, KL reference pass) on random
+rollout data, so the numbers are those of the default run's update. Prints compile time and the
 median of `--repeats` timed updates for each mode.
 """
 
@@ -74,6 +74,7 @@ def main() -> None:
         crt_advantages=jax.random.normal(keys[3], (b,)),
     )
     uncond = jax.jit(model.encode_text)(frozen, model.tokenize([""]))
+    ref = trainable if config.train.kl_beta else None  # the KL's frozen initial policy
 
     def fresh_state():
         return TrainState(
@@ -101,13 +102,13 @@ def main() -> None:
     for mode in modes:
         fn, state = fns[mode], fresh_state()
         start = time.perf_counter()
-        state, metrics = fn(state, batch, frozen, None, uncond)
+        state, metrics = fn(state, batch, frozen, ref, uncond)
         jax.block_until_ready(metrics)
         first = time.perf_counter() - start
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            state, metrics = fn(state, batch, frozen, None, uncond)
+            state, metrics = fn(state, batch, frozen, ref, uncond)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
         print(
