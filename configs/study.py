@@ -6,9 +6,9 @@ Every method runs with the same base config (configs/image.py) and the same
 sample budget; only the advantage settings differ. No method got its own
 hyper-parameter search: all share configs/image.py's training settings and
 the paper's public BPGO defaults (alpha = 0.5, k = 1, lambda = 1, s = 0.5).
-The default budget (10 epochs x 64 samples per run, 12 runs) fits in about
-45 minutes on 2 CPU cores; `--config.train.num_epochs=30` runs the full
-default-training budget per run (about 2 h).
+The default budget (10 epochs x 64 samples per run, 12 runs) took 36 min on
+2 CPU cores; `--config.train.num_epochs=30` gives every run the default
+training budget (an estimated 2 h). Results: docs/study/ and the README.
 """
 
 from configs import image
