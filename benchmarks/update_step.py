@@ -29,9 +29,9 @@ from bpgo_jax.rollout import samplers  # noqa: E402
 from bpgo_jax.update.loss import PolicyBatch  # noqa: E402
 from bpgo_jax.update.step import (  # noqa: E402
     HostAccumulatedStep,
-    StepOptions,
     TrainState,
     make_optimizer,
+    step_options,
     train_step,
 )
 from configs.image import get_config  # noqa: E402
@@ -50,18 +50,7 @@ def main() -> None:
     model, trainable, frozen = build_model(config.model, jax.random.key(0))
     sampler = samplers.make_sampler(config.sample, model)
     optimizer = make_optimizer(config.train)
-    opts = StepOptions(
-        model=model,
-        sampler=sampler,
-        optimizer=optimizer,
-        num_micro=lay["micro_per_update"],
-        num_shards=1,
-        num_train_steps=lay["trained_steps"],
-        clip_range=config.train.clip_range,
-        crt_coef=config.advantage.crt_coef,
-        kl_beta=config.train.kl_beta,
-        ema_decay=config.train.ema_decay,
-    )
+    opts = step_options(config, lay, 1, model=model, sampler=sampler, optimizer=optimizer)
     b, t = config.train.batch_size, config.sample.num_steps
     keys = jax.random.split(jax.random.key(1), 4)
     tokens = model.tokenize(["a red circle"] * b)

@@ -39,9 +39,9 @@ from bpgo_jax.rollout import samplers
 from bpgo_jax.update.loss import PolicyBatch
 from bpgo_jax.update.step import (
     HostAccumulatedStep,
-    StepOptions,
     TrainState,
     make_optimizer,
+    step_options,
     train_step,
 )
 
@@ -289,18 +289,13 @@ class Trainer:
             functools.partial(_shuffle, num_updates=lay["updates_per_inner_epoch"]),
             out_shardings=NamedSharding(self.mesh, P(None, mesh_lib.batch_axes(self.mesh))),
         )
-        t = cfg.train
-        opts = StepOptions(
+        opts = step_options(
+            cfg,
+            lay,
+            self.shards,
             model=self.model,
             sampler=self.sampler,
             optimizer=self.optimizer,
-            num_micro=lay["micro_per_update"],
-            num_shards=self.shards,
-            num_train_steps=lay["trained_steps"],
-            clip_range=t.clip_range,
-            crt_coef=cfg.advantage.crt_coef if cfg.advantage.method == "bpgo" else 0.0,
-            kl_beta=t.kl_beta,
-            ema_decay=t.ema_decay,
         )
         self._jitted = {
             "rollout": self.rollout_fn,

@@ -10,7 +10,6 @@ file with a `prior` field on every line; train with it through
 """
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -18,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from bpgo_jax import runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (latest checkpoint is used).")
@@ -29,7 +30,7 @@ flags.mark_flags_as_required(["config", "workdir", "output"])
 
 def main(argv):
     del argv
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines
+    runtime.quiet_absl()
     import jax
     import numpy as np
 

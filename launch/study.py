@@ -8,7 +8,6 @@ band) and OUTDIR/study.md (final scores and samples-to-threshold). Runs are
 resumable: each lives in OUTDIR/METHOD/seed_N.
 """
 
-import logging
 import sys
 from pathlib import Path
 
@@ -17,11 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from bpgo_jax import runtime  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config.", lock_config=False)
 _OUTDIR = flags.DEFINE_string("outdir", None, "Output directory.")
 _CACHE = flags.DEFINE_string(
     "compile_cache",
-    str(Path.home() / ".cache" / "bpgo_jax" / "xla"),
+    runtime.DEFAULT_COMPILE_CACHE,
     "Persistent XLA compilation cache ('' disables); runs after the first reuse its programs.",
 )
 flags.mark_flags_as_required(["config", "outdir"])
@@ -29,12 +30,8 @@ flags.mark_flags_as_required(["config", "outdir"])
 
 def main(argv):
     del argv
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines
-    import jax
-
-    if _CACHE.value:
-        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    runtime.quiet_absl()
+    runtime.enable_compile_cache(_CACHE.value)
     from bpgo_jax.study import run_study
 
     run_study(_CONFIG.value, Path(_OUTDIR.value))

@@ -16,11 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from bpgo_jax import runtime  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
 _CACHE = flags.DEFINE_string(
     "compile_cache",
-    str(Path.home() / ".cache" / "bpgo_jax" / "xla"),
+    runtime.DEFAULT_COMPILE_CACHE,
     "Persistent XLA compilation cache ('' disables); a resumed or repeated run skips compiling.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
@@ -28,13 +30,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines
+    runtime.quiet_absl()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    import jax
-
-    if _CACHE.value:
-        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    runtime.enable_compile_cache(_CACHE.value)
     from bpgo_jax.config import ConfigError
     from bpgo_jax.train import Trainer
 

@@ -59,6 +59,28 @@ class StepOptions(NamedTuple):
         return self.num_micro * self.num_train_steps
 
 
+def step_options(
+    config, layout: dict, num_shards: int, *, model, sampler, optimizer
+) -> StepOptions:
+    """`StepOptions` from a run config and its `config.batch_layout`.
+
+    Only BPGO has a CRT term: GRPO and the DDPO tracker train on one surrogate.
+    """
+    t = config.train
+    return StepOptions(
+        model=model,
+        sampler=sampler,
+        optimizer=optimizer,
+        num_micro=layout["micro_per_update"],
+        num_shards=num_shards,
+        num_train_steps=layout["trained_steps"],
+        clip_range=t.clip_range,
+        crt_coef=config.advantage.crt_coef if config.advantage.method == "bpgo" else 0.0,
+        kl_beta=t.kl_beta,
+        ema_decay=t.ema_decay,
+    )
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
     """AdamW with global-norm clipping, from `config.train`."""
     return optax.chain(
