@@ -93,11 +93,20 @@ def flow_matching_loss(
     rng: jax.Array,
     time_sampling: str = "uniform",
     time_shift: float = 1.0,
+    teacher: Params | None = None,
+    empty_tokens: jax.Array | None = None,
+    guidance_scale: float = 1.0,
 ) -> jax.Array:
     """Rectified-flow loss: regress the velocity `noise - x0` at `x_s = (1-s) x0 + s noise`.
 
     `images` are latents in [-1, 1]; the model sees timestep `1000 * s`, the
-    convention the flow sampler uses at rollout time.
+    convention the flow sampler uses at rollout time. With `teacher` params
+    the target is instead the teacher's classifier-free-guided velocity
+    `v(empty) + guidance_scale * (v(caption) - v(empty))` at the same `x_s`
+    (guidance distillation): the student then follows captions as the
+    guided teacher does at the cost of one network call per step, which is
+    what RL rollouts and updates pay for. Dropped (empty) captions get the
+    teacher's unconditional velocity, so the student keeps working with CFG.
     """
     if model.prediction_type != "flow":
         raise ValueError(f"pre-training needs a flow model, got {model.prediction_type!r}")
@@ -108,7 +117,37 @@ def flow_matching_loss(
     x_s = (1.0 - s_b) * images + s_b * noise
     cond = model.encode_text(params["frozen"], tokens)
     velocity = model.predict(params["trainable"], params["frozen"], x_s, 1000.0 * s, cond)
-    return jnp.mean(jnp.square(velocity - (noise - images)))
+    if teacher is None:
+        target = noise - images
+    else:
+        target = jax.lax.stop_gradient(
+            guided_velocity(model, teacher, x_s, s, tokens, empty_tokens, guidance_scale)
+        )
+    return jnp.mean(jnp.square(velocity - target))
+
+
+def guided_velocity(
+    model: DiffusionModel,
+    params: Params,
+    x_s: jax.Array,
+    s: jax.Array,
+    tokens: jax.Array,
+    empty_tokens: jax.Array,
+    scale: float,
+) -> jax.Array:
+    """Classifier-free-guided velocity, both branches in one batched call."""
+    n = x_s.shape[0]
+    empty = jnp.broadcast_to(empty_tokens, (n,) + empty_tokens.shape[1:])
+    cond = model.encode_text(params["frozen"], jnp.concatenate([tokens, empty]))
+    both = model.predict(
+        params["trainable"],
+        params["frozen"],
+        jnp.concatenate([x_s, x_s]),
+        jnp.concatenate([1000.0 * s, 1000.0 * s]),
+        cond,
+    )
+    v_cond, v_empty = both[:n], both[n:]
+    return v_empty + scale * (v_cond - v_empty)
 
 
 def train_step(
@@ -117,15 +156,24 @@ def train_step(
     ema_decay: float,
     time_sampling: str,
     time_shift: float,
+    guidance_scale: float,
     state: TrainState,
     images: jax.Array,
     tokens: jax.Array,
     rng: jax.Array,
+    teacher: Params | None = None,
+    empty_tokens: jax.Array | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One AdamW step on the flow loss; the step's noise is `fold_in(rng, step)`."""
     key = jax.random.fold_in(rng, state.step)
     loss_fn = functools.partial(
-        flow_matching_loss, model, time_sampling=time_sampling, time_shift=time_shift
+        flow_matching_loss,
+        model,
+        time_sampling=time_sampling,
+        time_shift=time_shift,
+        teacher=teacher,
+        empty_tokens=empty_tokens,
+        guidance_scale=guidance_scale,
     )
     loss, grads = jax.value_and_grad(loss_fn)(state.params, images, tokens, key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -141,15 +189,25 @@ def make_train_step(
     ema_decay: float = 0.0,
     time_sampling: str = "uniform",
     time_shift: float = 1.0,
+    guidance_scale: float = 1.0,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """`step(state, images, tokens, rng) -> (state, metrics)`, jitted, state donated."""
+    """`step(state, images, tokens, rng[, teacher, empty_tokens]) -> (state, metrics)`.
+
+    Jitted, state donated. Given `teacher` params and the empty prompt's
+    `empty_tokens` [1, L], it distils the teacher's guided velocity at
+    `guidance_scale` (see `flow_matching_loss`).
+    """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay={ema_decay} must lie in [0, 1)")
     if time_sampling not in TIME_SAMPLINGS:
         raise ValueError(f"time_sampling={time_sampling!r} is not one of {TIME_SAMPLINGS}")
     if time_shift <= 0.0:
         raise ValueError(f"time_shift={time_shift} must be positive")
-    step = functools.partial(train_step, model, optimizer, ema_decay, time_sampling, time_shift)
+    if guidance_scale < 1.0:
+        raise ValueError(f"guidance_scale={guidance_scale} must be >= 1")
+    step = functools.partial(
+        train_step, model, optimizer, ema_decay, time_sampling, time_shift, guidance_scale
+    )
     return jax.jit(step, donate_argnums=(0,))
 
 

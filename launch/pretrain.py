@@ -46,13 +46,18 @@ def image_model_block(cfg: ml_collections.ConfigDict) -> dict:
 def run_lineage(init: str) -> list[dict]:
     """Earlier runs behind `init` (a WORKDIR/checkpoints/step_N.msgpack), oldest first.
 
-    Read from each run's WORKDIR/run.json, so a model trained in several
-    continued runs ships with every command that made it.
+    Read from each run's WORKDIR/run.json (or an exported generator's
+    generator.json), so a model trained in several continued runs ships with
+    every command that made it.
     """
     if init == "random":
         return []
     path = Path(init)
     run_file = path.parents[1] / "run.json"
+    shipped = path.with_suffix(".json")  # an exported generator records its own lineage
+    if not run_file.is_file() and shipped.is_file():
+        info = json.loads(shipped.read_text())
+        return info["continues"] + [{"command": info["command"], "steps": info["steps"]}]
     if not run_file.is_file():
         return [{"init": init}]
     prev = json.loads(run_file.read_text())
@@ -88,8 +93,17 @@ def main(argv: list[str]) -> None:
         start_params = load_params(cfg.model.init, model.init(rng))
     state = pretrain.init_state(model, optimizer, rng, start_params)
     step_fn = pretrain.make_train_step(
-        model, optimizer, tc.ema_decay, tc.time_sampling, tc.time_shift
+        model, optimizer, tc.ema_decay, tc.time_sampling, tc.time_shift, cfg.distill.guidance_scale
     )
+    distill = {}
+    if cfg.distill.teacher:  # guidance distillation: the teacher's guided velocity is the target
+        if not Path(cfg.distill.teacher).is_file():
+            sys.exit(f"error: config.distill.teacher={cfg.distill.teacher!r} is not a file")
+        t_trainable, t_frozen = load_params(cfg.distill.teacher, model.init(rng))
+        distill = {
+            "teacher": {"trainable": t_trainable, "frozen": t_frozen},
+            "empty_tokens": model.tokenize([""]),
+        }
     step_rng = jax.random.key(cfg.seed + 1)
     data_rng = np.random.default_rng(cfg.seed)
 
@@ -119,7 +133,7 @@ def main(argv: list[str]) -> None:
         batch = pretrain.sample_batch(
             data_rng, tc.batch_size, model.tokenize, cfg.data.caption_dropout, cfg.data.split
         )
-        state, metrics = step_fn(state, batch["images"], batch["tokens"], step_rng)
+        state, metrics = step_fn(state, batch["images"], batch["tokens"], step_rng, **distill)
         window.append(metrics)
         if step % cfg.log_every == 0 or step == tc.steps:
             got = jax.device_get(window)
@@ -147,7 +161,7 @@ def main(argv: list[str]) -> None:
     trainable, frozen = load_params(chosen["path"], (state.ema["trainable"], state.ema["frozen"]))
     n = min(cfg.eval.final_num_prompts, len(prompts))
     acc, ok, images = evaluate({"trainable": trainable, "frozen": frozen}, n)
-    k = cfg.eval.num_images
+    k = min(cfg.eval.num_images, n)
     labels = [f"{'OK' if o else '--'} {p}" for o, p in zip(ok[:k], prompts[:k], strict=True)]
     grid = captioned_grid(images[:k], labels)
     Image.fromarray(grid).save(workdir / "samples.png")
@@ -170,6 +184,11 @@ def main(argv: list[str]) -> None:
             for k in ("kind", "num_steps", "noise", "noise_level", "shift", "guidance_scale")
         },
         "weights": f"EMA (decay {tc.ema_decay:g})",
+        "distilled_from": (
+            {"teacher": cfg.distill.teacher, "guidance_scale": cfg.distill.guidance_scale}
+            if cfg.distill.teacher
+            else None
+        ),
         "train_seconds": round(evals[-1]["seconds"], 1),
         "evaluations": [{k: e[k] for k in ("step", "oracle_accuracy")} for e in evals],
     }
