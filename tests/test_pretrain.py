@@ -235,10 +235,10 @@ def test_shipped_generator_loads_and_matches_documented_accuracy():
     here = json.loads(json.dumps({k: v for k, v in cfg.model.to_dict().items() if k != "init"}))
     assert shipped == here, "generator.json's model block must be configs/image.py's"
     documented = info["heldout_oracle_accuracy"]
-    # The target band for headroom is 0.3-0.7; the shipped model (~0.14)
-    # is below it (see generator.json). What must hold is that it is a working
-    # generator (well above the ~0.01 of random init) and reproduces its record.
-    assert 0.05 <= documented <= 0.7, documented
+    # Headroom for RL: a working generator (random init scores ~0.01) that still
+    # fails most held-out prompts. The aim is 0.3-0.7; the shipped guidance-
+    # distilled model records 0.28 on 256 prompts (generator.json).
+    assert 0.2 <= documented <= 0.7, documented
 
     model, trainable, frozen = build_model(cfg.model, jax.random.key(123))
     heldout = load_prompts(cfg.eval.prompts_path)
