@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from bpgo_jax.models.interface import DiffusionModel
-from bpgo_jax.rollout.samplers import make_sampler, sample
+from bpgo_jax.rollout.samplers import guided_prediction, make_sampler, sample
 from bpgo_jax.world import oracle
 from bpgo_jax.world.data import sample_pairs
 
@@ -120,34 +120,21 @@ def flow_matching_loss(
     if teacher is None:
         target = noise - images
     else:
+        t_cond = model.encode_text(teacher["frozen"], tokens)
+        t_empty = model.encode_text(teacher["frozen"], empty_tokens)
         target = jax.lax.stop_gradient(
-            guided_velocity(model, teacher, x_s, s, tokens, empty_tokens, guidance_scale)
+            guided_prediction(
+                model,
+                guidance_scale,
+                teacher["trainable"],
+                teacher["frozen"],
+                x_s,
+                1000.0 * s,
+                t_cond,
+                t_empty,
+            )
         )
     return jnp.mean(jnp.square(velocity - target))
-
-
-def guided_velocity(
-    model: DiffusionModel,
-    params: Params,
-    x_s: jax.Array,
-    s: jax.Array,
-    tokens: jax.Array,
-    empty_tokens: jax.Array,
-    scale: float,
-) -> jax.Array:
-    """Classifier-free-guided velocity, both branches in one batched call."""
-    n = x_s.shape[0]
-    empty = jnp.broadcast_to(empty_tokens, (n,) + empty_tokens.shape[1:])
-    cond = model.encode_text(params["frozen"], jnp.concatenate([tokens, empty]))
-    both = model.predict(
-        params["trainable"],
-        params["frozen"],
-        jnp.concatenate([x_s, x_s]),
-        jnp.concatenate([1000.0 * s, 1000.0 * s]),
-        cond,
-    )
-    v_cond, v_empty = both[:n], both[n:]
-    return v_empty + scale * (v_cond - v_empty)
 
 
 def train_step(

@@ -61,18 +61,18 @@ def make_sampler(cfg, model: DiffusionModel) -> Sampler:
     return Sampler(cfg.kind, model.prediction_type, cfg.num_steps, cfg.guidance_scale, tables, clip)
 
 
-def guided_prediction(model, sampler, trainable, frozen, x, t, cond, uncond):
+def guided_prediction(model, guidance_scale, trainable, frozen, x, t, cond, uncond):
     """Network output with classifier-free guidance (one batched call of 2B rows).
 
     `uncond` is the negative-prompt conditioning with a leading axis of 1.
     """
-    if sampler.guidance_scale == 1.0:
+    if guidance_scale == 1.0:
         return model.predict(trainable, frozen, x, t, cond)
     uncond = jax.tree.map(lambda u: jnp.broadcast_to(u, (x.shape[0], *u.shape[1:])), uncond)
     both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
     out = model.predict(trainable, frozen, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
     out_u, out_c = jnp.split(out, 2)
-    return out_u + sampler.guidance_scale * (out_c - out_u)
+    return out_u + guidance_scale * (out_c - out_u)
 
 
 def transition(sampler: Sampler, k: jax.Array, x: jax.Array, out: jax.Array):
@@ -171,7 +171,7 @@ def sample(
 
     def predict_chunk(args):
         x, t, c = args
-        return guided_prediction(model, sampler, trainable, frozen, x, t, c, uncond)
+        return guided_prediction(model, sampler.guidance_scale, trainable, frozen, x, t, c, uncond)
 
     def body(x, k):
         t = jnp.full((batch,), jnp.asarray(sampler.tables["model_t"])[k])

@@ -57,7 +57,9 @@ def step_loss(
     rows = jnp.arange(k.shape[0])
     x, x_next = mb.latents[rows, k], mb.latents[rows, k + 1]
     t = jnp.asarray(sampler.tables["model_t"])[k]
-    out = samplers.guided_prediction(model, sampler, trainable, frozen, x, t, mb.cond, uncond)
+    out = samplers.guided_prediction(
+        model, sampler.guidance_scale, trainable, frozen, x, t, mb.cond, uncond
+    )
     log_ratio, mean, std = samplers.log_ratio(sampler, k, x, x_next, out, mb.outputs[rows, k])
     ratio = jnp.exp(log_ratio)
     per_sample = mb.ras_weights * clipped_surrogate(ratio, mb.advantages, clip_range)
@@ -66,7 +68,7 @@ def step_loss(
     metrics = {}
     if kl_beta:
         ref_out = samplers.guided_prediction(
-            model, sampler, ref_trainable, frozen, x, t, mb.cond, uncond
+            model, sampler.guidance_scale, ref_trainable, frozen, x, t, mb.cond, uncond
         )
         ref_mean, _ = samplers.transition(sampler, k, x, jax.lax.stop_gradient(ref_out))
         kl = ((mean - ref_mean) ** 2).mean(axis=tuple(range(1, x.ndim))) / (
