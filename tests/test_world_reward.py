@@ -15,7 +15,7 @@ import bpgo_jax.world  # noqa: F401  (registers world_clip and world_oracle)
 from bpgo_jax.rewards import base
 from bpgo_jax.world import reward_model as rm
 from bpgo_jax.world.data import sample_pairs
-from bpgo_jax.world.evaluate import reward_agreement, reward_eval_set
+from bpgo_jax.world.evaluate import group_agreement, reward_agreement, reward_eval_set
 from bpgo_jax.world.grammar import caption_scene
 from bpgo_jax.world.render import render_float
 from bpgo_jax.world.scenes import Scene, WorldObject
@@ -153,3 +153,22 @@ def test_world_oracle_reward_scores_constraints():
     assert out.dtype == np.float32
     with pytest.raises(ValueError, match="constraints"):
         reward.fn(images[:1], ["x"], [{}])
+
+
+def test_group_agreement_reads_rankings_within_groups_only():
+    correct = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
+    # Perfect ranking inside the mixed groups, but group 1 sits far below the
+    # others, so the pooled AUC is imperfect while the within-group one is 1.
+    scores = np.array([[5.0, 4, 3, 2], [0.2, 0.1, 0.0, -0.1], [9, 9, 9, 9], [6, 6, 6, 6]])
+    got = group_agreement(scores, correct)
+    assert got["within_group_auc"] == 1.0
+    assert got["mixed_group_fraction"] == 0.5
+    assert got["auc"] < 0.8
+    assert got["advantage_gap"] > 1.0
+    flipped = group_agreement(-scores, correct)
+    assert flipped["within_group_auc"] == 0.0 and flipped["advantage_gap"] < -1.0
+    # No mixed group: no signal, reported as NaN rather than a made-up value.
+    none = group_agreement(scores[2:], correct[2:])
+    assert np.isnan(none["within_group_auc"]) and np.isnan(none["advantage_gap"])
+    with pytest.raises(ValueError, match="must both be"):
+        group_agreement(scores.ravel(), correct.ravel())

@@ -76,6 +76,30 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(greater + 0.5 * ties)
 
 
+def group_agreement(scores: np.ndarray, correct: np.ndarray) -> dict[str, float]:
+    """How well reward scores rank a generator's own samples, the way GRPO reads them.
+
+    scores, correct: [P, G] (G samples per prompt; correct = the oracle's
+    verdict). Only groups with both verdicts carry a learning signal, so the
+    within-group ROC-AUC is averaged over those; `advantage_gap` is the mean
+    group z-scored reward of correct minus incorrect samples.
+    """
+    scores, correct = np.asarray(scores, np.float64), np.asarray(correct, bool)
+    if scores.shape != correct.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and correct {correct.shape} must both be [P, G]")
+    mixed = correct.any(axis=1) & ~correct.all(axis=1)
+    within = [roc_auc(s, c) for s, c in zip(scores[mixed], correct[mixed], strict=True)]
+    z = (scores - scores.mean(1, keepdims=True)) / (scores.std(1, keepdims=True) + 1e-8)
+    return {
+        "auc": roc_auc(scores.ravel(), correct.ravel()),
+        "within_group_auc": float(np.mean(within)) if within else float("nan"),
+        "mixed_group_fraction": float(mixed.mean()),
+        "advantage_gap": float(z[mixed][correct[mixed]].mean() - z[mixed][~correct[mixed]].mean())
+        if mixed.any()
+        else float("nan"),
+    }
+
+
 def reward_eval_set(rng: np.random.Generator, n: int, split: str = "heldout") -> dict[str, Any]:
     """Renders of n scenes, each with 3 captions and ground-truth labels.
 
