@@ -256,3 +256,48 @@ def test_shipped_generator_loads_and_matches_documented_accuracy():
     )
     assert images.shape == (n, 32, 32, 3)
     assert abs(acc - documented) <= 0.15, (acc, documented)  # ~3 binomial std at n=48
+
+
+def test_evaluate_generator_command(tmp_path):
+    """launch/evaluate_generator.py on small random weights: JSON out, clear errors."""
+    import subprocess
+
+    from bpgo_jax.models import save_params
+
+    cfg = tiny_cfg()
+    cfg.resolution = 32  # the oracle and the reward model read 32x32 scenes
+    trainable, frozen = tiny_model(cfg).init(jax.random.key(0))
+    weights = tmp_path / "g.msgpack"
+    save_params(weights, trainable, frozen)
+    root = Path(__file__).resolve().parents[1]
+    model_flags = [
+        f"--config.model.{k}={v}"
+        for k, v in dict(
+            resolution=32,
+            channels="(8,16)",
+            attn_levels="(1,)",
+            heads=2,
+            vocab_size=256,
+            max_length=8,
+            text_width=16,
+            text_depth=1,
+        ).items()
+    ]
+    base = [sys.executable, str(root / "launch" / "evaluate_generator.py")]
+    base += ["--config", str(root / "configs" / "pretrain.py"), *model_flags]
+    base += ["--config.sample.num_steps=2", "--num_prompts=3", "--group_size=2"]
+    out = subprocess.run([*base, f"--weights={weights}"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (got["num_prompts"], got["group_size"], got["num_steps"]) == (3, 2, 2)
+    assert 0.0 <= got["oracle_accuracy"] <= 1.0
+    assert set(got["reward_model"]) == {
+        "auc",
+        "within_group_auc",
+        "mixed_group_fraction",
+        "advantage_gap",
+    }
+    bad = subprocess.run(
+        [*base, f"--weights={tmp_path / 'none.msgpack'}"], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "is not a file" in bad.stderr
