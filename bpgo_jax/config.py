@@ -63,6 +63,11 @@ def batch_layout(config: ml_collections.ConfigDict, num_devices: int, num_hosts:
     )
     steps = config.sample.num_steps
     trained = max(1, int(round(config.train.timestep_fraction * steps)))
+    warmup = config.train.get("warmup_updates", 0)
+    _check(
+        isinstance(warmup, int) and warmup >= 0,
+        f"train.warmup_updates={warmup!r} must be a non-negative integer",
+    )
     _check(
         0 < config.train.timestep_fraction <= 1,
         f"train.timestep_fraction={config.train.timestep_fraction} must be in (0, 1]",

@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
         kl_beta=0.0,
         ema_decay=0.0,
         lr=1e-4,
+        warmup_updates=0,  # linear lr ramp over the first N optimizer updates
         b1=0.9,
         b2=0.999,
         adam_eps=1e-8,

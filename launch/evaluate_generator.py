@@ -33,7 +33,7 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pre-training config.", lock_config=True)
 _WEIGHTS = flags.DEFINE_string("weights", None, "Generator weights (.msgpack).")
-_NUM = flags.DEFINE_integer("num_prompts", 256, "Held-out prompts to sample (one image each).")
+_NUM = flags.DEFINE_integer("num_prompts", 256, "Prompts to sample: the first N of the file.")
 _GROUP = flags.DEFINE_integer("group_size", 1, "Samples per prompt (> 1: reward agreement too).")
 _PROMPTS = flags.DEFINE_string("prompts_file", None, "World prompts (.jsonl); default eval's.")
 _REWARD = flags.DEFINE_string("reward_model", "", "Reward model weights; '' = the shipped one.")
@@ -99,7 +99,8 @@ def main(argv: list[str]) -> None:
         params, rm_cfg = reward_model.load(_REWARD.value or None)
         scores = reward_model.host_scorer(params, rm_cfg)(images, prompts)
         agreement = group_agreement(scores.reshape(n, g), ok.reshape(n, g))
-        result["reward_model"] = {k: round(v, 4) for k, v in agreement.items()}
+        # NaN (no group with both verdicts) is written as null, keeping the line valid JSON.
+        result["reward_model"] = {k: None if v != v else round(v, 4) for k, v in agreement.items()}
     print(json.dumps(result))
 
 

@@ -34,6 +34,7 @@ from bpgo_jax.rollout import samplers, schedules
         ({"prior.kind": "oracle"}, "prior.kind='oracle'"),
         ({"sample.kind": "ddim", "sample.eta": 0.0}, "sample.eta=0.0"),
         ({"train.timestep_fraction": 0.0}, "train.timestep_fraction=0.0"),
+        ({"train.warmup_updates": -1}, "train.warmup_updates=-1"),
     ],
 )
 def test_validation_names_the_field(tmp_path, override, field):
@@ -182,3 +183,35 @@ def test_sharding_rules():
     assert specs["unet"]["bias"].spec == jax.sharding.PartitionSpec()
     with pytest.raises(ValueError, match="does not divide it"):
         mesh_lib.tree_shardings(params, mesh, ((".*kernel", ("fsdp", None)),))
+
+
+def test_optimizer_warmup_ramps_the_step_size():
+    """Adam's step is ~lr per weight from the first update; warm-up scales it by k/N."""
+    import ml_collections
+    import optax
+
+    from bpgo_jax.update.step import make_optimizer
+
+    def steps(warmup: int, n: int = 5) -> list[float]:
+        cfg = ml_collections.ConfigDict(
+            dict(
+                lr=1e-2,
+                warmup_updates=warmup,
+                b1=0.9,
+                b2=0.999,
+                adam_eps=1e-8,
+                weight_decay=0.0,
+                max_grad_norm=1e9,
+            )
+        )
+        opt, params = make_optimizer(cfg), {"w": jnp.zeros(3)}
+        state, out = opt.init(params), []
+        for _ in range(n):
+            upd, state = opt.update({"w": jnp.ones(3)}, state, params)
+            params = optax.apply_updates(params, upd)
+            out.append(float(jnp.abs(upd["w"][0])))
+        return out
+
+    np.testing.assert_allclose(steps(0), [1e-2] * 5, rtol=1e-4)
+    np.testing.assert_allclose(steps(4), [2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2], rtol=1e-4)
+    np.testing.assert_allclose(steps(1), steps(0), rtol=1e-6)

@@ -82,10 +82,20 @@ def step_options(
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping, from `config.train`."""
+    """AdamW with global-norm clipping, from `config.train`.
+
+    `warmup_updates` > 0 ramps the learning rate linearly from lr / N to lr
+    over the first N updates: Adam's first steps move every weight by about
+    lr whatever its gradient, which on noisy policy gradients is mostly noise.
+    The count lives in the optimizer state, so a resumed run continues it.
+    """
+    lr = cfg.lr
+    if cfg.get("warmup_updates", 0) > 0:
+        n = cfg.warmup_updates
+        lr = optax.linear_schedule(cfg.lr / n, cfg.lr, n - 1) if n > 1 else cfg.lr
     return optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay),
+        optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay),
     )
 
 
