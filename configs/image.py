@@ -6,6 +6,8 @@ Prior: per-prompt moving average of group-mean rewards (the paper's image
 setting). Training reward: the shipped CLIP-like reward model (`world_clip`);
 the exact oracle scores held-out prompts for `oracle_accuracy` only.
 Baselines: `--config.advantage.method=grpo` (alpha = s = 0) or `ddpo_tracker`.
+Another reward model: `--config.rewards.world_clip.path=W/reward_model.msgpack`
+(and `--config.eval.rewards.world_clip.path=...` to evaluate with it too).
 """
 
 from pathlib import Path
@@ -43,7 +45,8 @@ def get_config():
         prompts_per_epoch=8,
         batch_size=32,
     )
-    c.rewards = {"world_clip": {"weight": 1.0}}
+    # path: reward-model weights ("" = the shipped model); eval.rewards has its own.
+    c.rewards = {"world_clip": {"weight": 1.0, "path": ""}}
     c.advantage.update(method="bpgo", alpha=0.5, k=1.0, lam=1.0, crt_coef=0.5)
     c.prior.update(kind="moving_average", decay=0.9, init_value=0.1)
     # One on-policy update per epoch on all 64 samples; the KL to the initial
@@ -61,7 +64,7 @@ def get_config():
     c.eval.update(
         rewards={
             "world_oracle": {"weight": 1.0, "log_as": "oracle_accuracy"},
-            "world_clip": {"weight": 1.0},
+            "world_clip": {"weight": 1.0, "path": ""},
         },
         prompts_path=str(ASSETS / "prompts_heldout.jsonl"),
         num_prompts=128,

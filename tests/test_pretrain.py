@@ -270,19 +270,8 @@ def test_evaluate_generator_command(tmp_path):
     weights = tmp_path / "g.msgpack"
     save_params(weights, trainable, frozen)
     root = Path(__file__).resolve().parents[1]
-    model_flags = [
-        f"--config.model.{k}={v}"
-        for k, v in dict(
-            resolution=32,
-            channels="(8,16)",
-            attn_levels="(1,)",
-            heads=2,
-            vocab_size=256,
-            max_length=8,
-            text_width=16,
-            text_depth=1,
-        ).items()
-    ]
+    sizes = ("resolution", "channels", "attn_levels", "heads", "vocab_size", "max_length")
+    model_flags = [f"--config.model.{k}={cfg[k]}" for k in (*sizes, "text_width", "text_depth")]
     base = [sys.executable, str(root / "launch" / "evaluate_generator.py")]
     base += ["--config", str(root / "configs" / "pretrain.py"), *model_flags]
     base += ["--config.sample.num_steps=2", "--num_prompts=3", "--group_size=2"]
