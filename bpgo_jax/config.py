@@ -90,6 +90,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int
         _check(name in known, f"config.rewards.{name}: unknown reward; known: {sorted(known)}")
     for name in config.eval.rewards:
         _check(name in known, f"config.eval.rewards.{name}: unknown reward; known: {sorted(known)}")
+    for name in config.eval.get("extra_prompts", {}):
+        _check(
+            name.isidentifier() and bool(config.eval.prompts_path),
+            f"config.eval.extra_prompts.{name}: needs an identifier name and eval.prompts_path set",
+        )
     adv = config.advantage
     _check(
         adv.method in ADVANTAGE_METHODS,

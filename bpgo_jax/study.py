@@ -50,14 +50,14 @@ def samples_to_threshold(curve: dict, threshold: float) -> int | None:
 def summarise(results: dict[str, list[list[dict]]], study) -> dict:
     """Per method: curves, final values (mean, std over seeds), samples-to-threshold.
 
-    `study.heldout_reward` (optional) names the eval metric of the training
-    reward on fixed held-out prompts and seeds: a far less noisy view of
-    "reward rising" than one epoch's rollout mean, whose prompts change.
+    `study.report` (optional) names further eval metrics to tabulate and plot,
+    e.g. the training reward on fixed held-out prompts and seeds (a far less
+    noisy view of "reward rising" than one epoch's rollout mean, whose prompts
+    change) or the oracle accuracy on a second held-out set.
     """
     summary = {}
     metrics = {"reward": "reward_mean", study.threshold_metric: study.threshold_metric}
-    if study.get("heldout_reward"):
-        metrics["heldout_reward"] = study.heldout_reward
+    metrics |= {m: m for m in study.get("report", ())}
     for name, runs in results.items():
         summary[name] = {}
         for key, metric in metrics.items():
@@ -75,18 +75,18 @@ def _cell(value, digits: int) -> str:
 
 def table(summary: dict, study, num_seeds: int) -> str:
     metric = study.threshold_metric
-    heldout = bool(study.get("heldout_reward"))
+    report = tuple(study.get("report", ()))
     lines = [
         f"| method | final reward (mean ± std, {num_seeds} seeds) | "
-        + (f"final held-out reward ({study.heldout_reward}) | " if heldout else "")
+        + "".join(f"final {m} | " for m in report)
         + f"final {metric} | samples to {metric} ≥ {study.threshold} |",
-        "|---|---|---|---|" + ("---|" if heldout else ""),
+        "|---|---|---|---|" + "---|" * len(report),
     ]
     for name, s in summary.items():
         sts = s["samples_to_threshold"]
         lines.append(
             f"| {name} | {_cell(s['final_reward'], 4)} | "
-            + (f"{_cell(s['final_heldout_reward'], 4)} | " if heldout else "")
+            + "".join(f"{_cell(s['final_' + m], 4)} | " for m in report)
             + f"{_cell(s['final_' + metric], 3)} | "
             + f"{sts if sts is not None else 'not reached'} |"
         )
@@ -101,9 +101,8 @@ def plot(summary: dict, study, path: Path) -> None:
 
     metric = study.threshold_metric
     panels = [("reward", "training reward (rollout mean)")]
-    if study.get("heldout_reward"):
-        panels.append(("heldout_reward", f"held-out {study.heldout_reward}"))
-    panels.append((metric, f"held-out {metric}"))
+    panels += [(m, m) for m in study.get("report", ())]
+    panels.append((metric, metric))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for name, s in summary.items():
         for ax, (key, _) in zip(axes, panels, strict=True):

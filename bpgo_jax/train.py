@@ -207,9 +207,12 @@ class Trainer:
         self.rewards = build_reward_set(config.rewards)
         self.eval_rewards = build_reward_set(config.eval.rewards) if config.eval.rewards else None
         self.prompts = load_prompts(config.prompts.path)
-        self.eval_prompts = (
-            load_prompts(config.eval.prompts_path) if config.eval.prompts_path else None
-        )
+        # (metric suffix, prompts): the main held-out set, then eval.extra_prompts.
+        self.eval_sets = []
+        if config.eval.prompts_path:
+            self.eval_sets.append(("", load_prompts(config.eval.prompts_path)))
+            extra = config.eval.get("extra_prompts", {})
+            self.eval_sets += [("_" + name, load_prompts(extra[name])) for name in sorted(extra)]
         self.optimizer = make_optimizer(config.train)
         self.tracker = (
             adv_lib.PerPromptStatTracker(
@@ -453,32 +456,41 @@ class Trainer:
         self.state = self.state._replace(prior=jax.device_put(prior, self.state_sh.prior))
 
     def evaluate(self) -> dict:
-        """Held-out prompts, one fixed-seed sample each, scored by the eval rewards."""
+        """Held-out prompt sets, one fixed-seed sample per prompt, scored by the eval rewards.
+
+        Metrics of `eval.extra_prompts[NAME]` carry the suffix `_NAME`.
+        """
+        out = {}
+        for suffix, prompt_set in self.eval_sets:
+            out |= self._evaluate_set(prompt_set, suffix)
+        return out
+
+    def _evaluate_set(self, prompt_set, suffix: str) -> dict:
         cfg = self.config.eval
-        n = min(cfg.num_prompts, len(self.eval_prompts))
+        n = min(cfg.num_prompts, len(prompt_set))
         bs = self.config.sample.batch_size
         count = -(-n // bs) * bs
-        ids = np.arange(count) % len(self.eval_prompts)
+        ids = np.arange(count) % len(prompt_set)
         params = (
             self.state.ema if cfg.use_ema and self.config.train.ema_decay else self.state.trainable
         )
         _, _, _, scores, images, prompts = self.sample_prompts(
             ids,
-            self.eval_prompts,
+            prompt_set,
             per_prompt=1,
             fn=self.eval_fn,
             reward_set=self.eval_rewards,
             reward_params=self.eval_reward_params,
             trainable=params,
             epoch_key=self._epoch_key(0, 2),
-            bar_desc="eval",
+            bar_desc="eval" + suffix,
         )
         out = {}
         for name in self.eval_rewards.names:
-            block = cfg.rewards[name]
-            out[block.get("log_as", f"eval_{name}")] = float(np.asarray(scores[name])[:n].mean())
+            key = cfg.rewards[name].get("log_as", f"eval_{name}") + suffix
+            out[key] = float(np.asarray(scores[name])[:n].mean())
         k = self.config.log.num_images
-        self.logger.images("eval/images", images[:k], prompts[:k], self.samples_seen)
+        self.logger.images(f"eval{suffix}/images", images[:k], prompts[:k], self.samples_seen)
         return out
 
     def _check_recompiles(self) -> None:

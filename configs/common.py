@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
         max_length=24,
         text_width=64,
         text_depth=2,
+        # Built-in model: rank > 0 trains LoRA factors on every attention
+        # projection (targets: regexes, default all) over a frozen UNet.
+        lora=dict(rank=0, alpha=0.0, targets=()),
         scheduler=ml_collections.config_dict.placeholder(dict),
     )
     c.prompts = dict(path="")
@@ -86,8 +89,14 @@ def base_config() -> ml_collections.ConfigDict:
         # or "auto" (host on CPU, scan elsewhere).
         accumulate="auto",
     )
+    # extra_prompts: NAME -> prompt file, evaluated like prompts_path; metrics get "_NAME".
     c.eval = dict(
-        rewards=ml_collections.ConfigDict(), prompts_path="", num_prompts=64, every=5, use_ema=True
+        rewards=ml_collections.ConfigDict(),
+        prompts_path="",
+        extra_prompts=ml_collections.ConfigDict(),
+        num_prompts=64,
+        every=5,
+        use_ema=True,
     )
     # num_devices=0 uses every device; N uses the first N (debugging, tests).
     # gather_params: all-gather params before each network call (exact on-policy

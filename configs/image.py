@@ -4,7 +4,8 @@
 
 Prior: per-prompt moving average of group-mean rewards (the paper's image
 setting). Training reward: the shipped CLIP-like reward model (`world_clip`);
-the exact oracle scores held-out prompts for `oracle_accuracy` only.
+the exact oracle scores held-out prompts for `oracle_accuracy` only
+(`oracle_accuracy_heldout` on the out-of-distribution set).
 Baselines: `--config.advantage.method=grpo` (alpha = s = 0) or `ddpo_tracker`.
 Another reward model: `--config.rewards.world_clip.path=W/reward_model.msgpack`
 (and `--config.eval.rewards.world_clip.path=...` to evaluate with it too).
@@ -61,13 +62,18 @@ def get_config():
         kl_beta=0.04,
         ema_decay=0.0,
     )
+    # Two held-out prompt sets, never trained on: "val" (unseen captions of the
+    # training distribution) logs oracle_accuracy / eval_world_clip; the
+    # out-of-distribution "heldout" set (held-out colour-shape pairs and
+    # templates) logs them with the suffix _heldout.
     c.eval.update(
         rewards={
             "world_oracle": {"weight": 1.0, "log_as": "oracle_accuracy"},
             "world_clip": {"weight": 1.0, "path": ""},
         },
-        prompts_path=str(ASSETS / "prompts_heldout.jsonl"),
+        prompts_path=str(ASSETS / "prompts_val.jsonl"),
+        extra_prompts={"heldout": str(ASSETS / "prompts_heldout.jsonl")},
         num_prompts=128,
-        every=5,
+        every=10,
     )
     return c

@@ -1,9 +1,13 @@
 """Writes the world's prompt files (deterministic; re-running reproduces them byte for byte).
 
-    python launch/make_world_prompts.py  # -> bpgo_jax/world/assets/prompts_{train,heldout}.jsonl
+    python launch/make_world_prompts.py  # -> assets/prompts_{train,val,heldout}.jsonl
 
 Each line: {"prompt": str, "metadata": {"constraints": {...}, "split": str, "kind": str}}.
-Prompts are unique within a file.
+Prompts are unique within a file. "val" prompts come from the train grammar
+(train colour-shape pairs and templates) but never occur in the train file:
+they measure what RL on train prompts does for unseen prompts of the same
+distribution. "heldout" prompts name a held-out colour-shape pair or use
+held-out templates: a harder, out-of-distribution probe.
 """
 
 from __future__ import annotations
@@ -39,18 +43,29 @@ def make_prompts(split: str, n: int, seed: int) -> list[dict]:
     raise ValueError(f"could not find {n} distinct {split} prompts")
 
 
+def with_split(prompt: dict, split: str) -> dict:
+    return {**prompt, "metadata": {**prompt["metadata"], "split": split}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out_dir", default=str(ASSETS))
     parser.add_argument("--num_train", type=int, default=2000)
+    parser.add_argument("--num_val", type=int, default=256)
     parser.add_argument("--num_heldout", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", args.num_train), ("heldout", args.num_heldout)):
+    train_val = make_prompts("train", args.num_train + args.num_val, args.seed)
+    files = {
+        "train": train_val[: args.num_train],
+        "val": [with_split(p, "val") for p in train_val[args.num_train :]],
+        "heldout": make_prompts("heldout", args.num_heldout, args.seed),
+    }
+    for split, prompts in files.items():
         path = out_dir / f"prompts_{split}.jsonl"
-        lines = [json.dumps(p, sort_keys=True) for p in make_prompts(split, n, args.seed)]
+        lines = [json.dumps(p, sort_keys=True) for p in prompts]
         path.write_text("\n".join(lines) + "\n")
         print(f"wrote {len(lines)} prompts to {path}")
 

@@ -35,6 +35,7 @@ from bpgo_jax.rollout import samplers, schedules
         ({"sample.kind": "ddim", "sample.eta": 0.0}, "sample.eta=0.0"),
         ({"train.timestep_fraction": 0.0}, "train.timestep_fraction=0.0"),
         ({"train.warmup_updates": -1}, "train.warmup_updates=-1"),
+        ({"eval.extra_prompts": {"ood": "x.txt"}}, "config.eval.extra_prompts.ood"),
     ],
 )
 def test_validation_names_the_field(tmp_path, override, field):

@@ -183,9 +183,11 @@ def test_ddim_with_guidance_is_on_policy(tmp_path):
             "mesh.num_devices": 4,
             "eval.rewards": {"saturation": {"weight": 1.0, "log_as": "eval_sat"}},
             "eval.prompts_path": str(tmp_path / "prompts.txt"),
+            "eval.extra_prompts": {"other": str(tmp_path / "other.txt")},
             "eval.num_prompts": 4,
         },
     )
+    (tmp_path / "other.txt").write_text("a tree\na dog\na boat\na lamp\n")
     records = Trainer(config, tmp_path / "run").train()
     assert records[0]["onpolicy_ratio_max_dev"] == 0.0
     assert records[0]["approx_kl"] == 0.0
@@ -193,8 +195,11 @@ def test_ddim_with_guidance_is_on_policy(tmp_path):
     # Evaluation logs the starting policy first, then after the epoch's update.
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["samples_seen"] for x in lines] == [0, 16]
-    assert set(lines[0]) == {"epoch", "samples_seen", "eval_sat"}
+    assert set(lines[0]) == {"epoch", "samples_seen", "eval_sat", "eval_sat_other"}
     assert lines[1]["eval_sat"] != lines[0]["eval_sat"]  # EMA weights moved
+    # The extra set samples its own prompts with the same fixed seeds (the
+    # zero-initialised output layer ignores the prompt until the first update).
+    assert lines[1]["eval_sat_other"] != lines[1]["eval_sat"]
 
 
 def test_non_finite_rewards_skip_then_abort(tmp_path):

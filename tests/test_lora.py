@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from bpgo_jax.models import lora
 from bpgo_jax.models.sd import LoraSpec, preset, sd_model
@@ -175,3 +176,60 @@ def test_sd_from_config_builds_lora_model():
     assert tokens.shape == (2, 77) and tokens.dtype == np.int32
     with pytest.raises(ValueError, match="neither 'random' nor a diffusers folder"):
         build_from_config(ml_collections.ConfigDict(dict(name="sd", init="/no/such")), None)
+
+
+def test_attention_kernels_adapt_as_head_flattened_matrices():
+    """DenseGeneral q/k/v [in, h, d] and out [h, d, out]: merge == the matrix LoRA."""
+    attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, out_features=6)
+    x = jax.random.normal(jax.random.key(0), (3, 5, 6))
+    base = attn.init(jax.random.key(1), x)["params"]
+    assert base["query"]["kernel"].shape == (6, 2, 4) and base["out"]["kernel"].shape == (2, 4, 6)
+    factors = lora.init_lora(
+        base, rank=3, alpha=3.0, targets=(r"(query|out)/kernel",), rng=jax.random.key(2)
+    )
+    assert factors["query"]["kernel"]["lora_a"].shape == (6, 3)
+    assert factors["query"]["kernel"]["lora_b"].shape == (3, 8)
+    assert factors["out"]["kernel"]["lora_a"].shape == (8, 3)
+    assert factors["out"]["kernel"]["lora_b"].shape == (3, 6)
+    factors = jax.tree.map(lambda f: f + 0.1, factors)
+    merged = lora.merge(base, factors, alpha=3.0, rank=3)
+    q, o = factors["query"]["kernel"], factors["out"]["kernel"]
+    # By hand: a linear map on flattened heads gains x @ A @ B.
+    xq = x @ base["query"]["kernel"].reshape(6, 8) + (x @ q["lora_a"]) @ q["lora_b"]
+    np.testing.assert_allclose(
+        jnp.einsum("bli,ihd->blhd", x, merged["query"]["kernel"]).reshape(3, 5, 8), xq, rtol=1e-5
+    )
+    h = jax.random.normal(jax.random.key(3), (3, 5, 2, 4))
+    ho = h.reshape(3, 5, 8) @ base["out"]["kernel"].reshape(8, 6) + h.reshape(3, 5, 8) @ (
+        o["lora_a"] @ o["lora_b"]
+    )
+    np.testing.assert_allclose(
+        jnp.einsum("blhd,hdo->blo", h, merged["out"]["kernel"]), ho, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_built_in_model_lora(tmp_path):
+    """model.lora.rank > 0: only factors train, the base is exact at init, runs on-policy."""
+    from tiny_config import tiny_config
+
+    from bpgo_jax.models import build_model
+    from bpgo_jax.train import Trainer
+
+    cfg = tiny_config(tmp_path, **{"model.lora.rank": 2, "train.num_epochs": 1})
+    model, trainable, frozen = build_model(cfg.model, jax.random.key(0))
+    full = tiny_config(tmp_path)
+    _, base_trainable, _ = build_model(full.model, jax.random.key(0))
+    assert set(trainable) == {"lora"} and set(frozen) == {"text", "unet"}
+    adapted = ["/".join(p[:-1]) for p in traverse_util.flatten_dict(trainable)]
+    assert {a.rsplit("/", 2)[-2] for a in adapted} == {"query", "key", "value", "out"}
+    assert any("cross_attn" in a for a in adapted) and any("self_attn" in a for a in adapted)
+    jax.tree.map(np.testing.assert_array_equal, frozen["unet"], base_trainable["unet"])
+    x = jax.random.normal(jax.random.key(1), (2, *model.latent_shape))
+    cond = model.encode_text(frozen, jnp.asarray(model.tokenize(["a red circle"] * 2)))
+    t = jnp.full((2,), 0.5)
+    np.testing.assert_array_equal(
+        model.predict(trainable, frozen, x, t, cond),
+        model.predict(base_trainable, frozen, x, t, cond),
+    )
+    records = Trainer(cfg, tmp_path / "run").train()
+    assert records[0]["onpolicy_ratio_max_dev"] == 0.0

@@ -50,15 +50,16 @@ def test_summary_table_and_plot(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 1000
 
 
-def test_heldout_reward_column_and_panel(tmp_path):
+def test_report_columns_and_panels(tmp_path):
     results = {"grpo": _runs([0.0, 0.02]), "bpgo": _runs([0.05, 0.07])}
-    cfg = _study(heldout_reward="eval_r")
+    cfg = _study(report=("eval_r", "reward_mean"))
     summary = study.summarise(results, cfg)
-    np.testing.assert_allclose(summary["bpgo"]["final_heldout_reward"], (0.36, 0.01))
+    np.testing.assert_allclose(summary["bpgo"]["final_eval_r"], (0.36, 0.01))
     md = study.table(summary, cfg, 2)
-    assert "final held-out reward (eval_r)" in md.splitlines()[0]
-    assert "| bpgo | 0.4600 ± 0.0100 | 0.3600 ± 0.0100 | 0.860 ± 0.010 | 48 |" in md
-    assert md.splitlines()[1] == "|---|---|---|---|---|"
+    assert "| final eval_r | final reward_mean | final oracle_accuracy |" in md.splitlines()[0]
+    row = "| bpgo | 0.4600 ± 0.0100 | 0.3600 ± 0.0100 | 0.4600 ± 0.0100 | 0.860 ± 0.010 | 48 |"
+    assert row in md
+    assert md.splitlines()[1] == "|---|---|---|---|---|---|"
     study.plot(summary, cfg, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
 

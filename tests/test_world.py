@@ -303,6 +303,15 @@ def test_prompt_files_are_shipped_and_reproducible():
         for e in entries[:100]:
             C.validate(e["metadata"]["constraints"])
             assert re.fullmatch(r"[a-z :]+", e["prompt"])
+    # val: the train grammar's next 256 distinct prompts, none of them in the train file.
+    assets = ROOT / "bpgo_jax/world/assets"
+    val = [json.loads(x) for x in (assets / "prompts_val.jsonl").read_text().splitlines()]
+    train = (assets / "prompts_train.jsonl").read_text().splitlines()
+    train = {json.loads(x)["prompt"] for x in train}
+    assert len(val) == 256 and all(e["metadata"]["split"] == "val" for e in val)
+    assert not {e["prompt"] for e in val} & train
+    regenerated = mwp.make_prompts("train", 2010, seed=0)[2000:]
+    assert [e["prompt"] for e in regenerated] == [e["prompt"] for e in val[:10]]
 
 
 def test_sample_scene_rejects_unknown_split():

@@ -30,13 +30,13 @@ def build_model(
     model and random initialisations land on the default device.
     """
     if cfg.name == "tiny_unet":
-        from bpgo_jax.models.tiny import tiny_model
+        from bpgo_jax.models.tiny import tiny_model, with_lora
 
         model = tiny_model(cfg)
         trainable, frozen = model.init(rng)
         if cfg.init != "random":
             trainable, frozen = load_params(cfg.init, (trainable, frozen))
-        return model, trainable, frozen
+        return model, *with_lora(cfg, trainable, frozen, jax.random.fold_in(rng, 1))
     if cfg.name == "sd":
         from bpgo_jax.models.sd.pipeline import sd_from_config
 

@@ -4,15 +4,19 @@ A LoRA tree mirrors the base tree but only at targeted kernels, where the
 kernel leaf is replaced by `{"lora_a": [in, r], "lora_b": [r, out]}`. Targets
 are regexes fully matched against '/'-joined paths (the same spelling as the
 mesh sharding rules), e.g. `.*/attn[12]/to_(q|k|v|out_0)/kernel`. Dense
-kernels `[in, out]` and 1x1 conv kernels `[1, 1, in, out]` are eligible.
+kernels `[in, out]`, 1x1 conv kernels `[1, 1, in, out]` and Flax attention
+(DenseGeneral) kernels are eligible: query/key/value `[in, heads, head_dim]`
+and the output projection `out` `[heads, head_dim, out]`, adapted as the
+matrices `[in, heads*head_dim]` and `[heads*head_dim, out]`.
 `B = 0` at init, so the merged model equals the base model exactly until the
 first update; the base stays frozen and only the factors receive gradients.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,12 +30,35 @@ Params = Any
 SD_ATTENTION_TARGETS = (r".*/attn[12]/(to_q|to_k|to_v|to_out_0)/kernel",)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = SD_ATTENTION_TARGETS
+
+
+def spec_from_config(cfg: Mapping[str, Any] | None, default_targets: Sequence[str]):
+    """`config.model.lora` = {rank, alpha (absent or 0: rank), targets (empty:
+    `default_targets`)} -> LoraSpec, or None when absent or rank 0 (full fine-tuning)."""
+    if not cfg or not cfg.get("rank", 0):
+        return None
+    targets = tuple(cfg.get("targets", None) or default_targets)
+    return LoraSpec(int(cfg["rank"]), float(cfg.get("alpha", None) or cfg["rank"]), targets)
+
+
 def _eligible(path: tuple[str, ...], leaf: Any) -> bool:
     shape = tuple(np.shape(leaf))
-    return path[-1] == "kernel" and (len(shape) == 2 or (len(shape) == 4 and shape[:2] == (1, 1)))
+    return path[-1] == "kernel" and (
+        len(shape) in (2, 3) or (len(shape) == 4 and shape[:2] == (1, 1))
+    )
 
 
-def _in_out(shape: tuple[int, ...]) -> tuple[int, int]:
+def _in_out(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, int]:
+    """The kernel as a matrix: 3-D attention kernels contract over their head axes."""
+    if len(shape) == 3:
+        if len(path) > 1 and path[-2] == "out":
+            return shape[0] * shape[1], shape[2]
+        return shape[0], shape[1] * shape[2]
     return shape[-2], shape[-1]
 
 
@@ -48,7 +75,7 @@ def target_paths(base_params: Params, targets: Sequence[str]) -> list[tuple[str,
         ]
         if not hits:
             raise ValueError(
-                f"LoRA target {pattern!r} matches no Dense or 1x1-conv kernel path "
+                f"LoRA target {pattern!r} matches no Dense, attention or 1x1-conv kernel path "
                 f"(paths look like {'/'.join(next(iter(flat)))!r})"
             )
         chosen.update(hits)
@@ -70,11 +97,21 @@ def init_lora(
     flat = traverse_util.flatten_dict(base_params)
     out: dict[tuple[str, ...], jax.Array] = {}
     for i, path in enumerate(target_paths(base_params, targets)):
-        d_in, d_out = _in_out(tuple(np.shape(flat[path])))
+        d_in, d_out = _in_out(path, tuple(np.shape(flat[path])))
         key = jax.random.fold_in(rng, i)
         out[(*path, "lora_a")] = jax.random.normal(key, (d_in, rank), jnp.float32) / rank
         out[(*path, "lora_b")] = jnp.zeros((rank, d_out), jnp.float32)
     return traverse_util.unflatten_dict(out)
+
+
+def split_params(
+    unet: Params, frozen: Params, spec: LoraSpec | None, rng: jax.Array
+) -> tuple[Params, Params]:
+    """`(trainable, frozen)`: the UNet is trainable, or LoRA factors over a frozen UNet."""
+    if spec is None:
+        return {"unet": unet}, dict(frozen)
+    factors = init_lora(unet, rank=spec.rank, alpha=spec.alpha, targets=spec.targets, rng=rng)
+    return {"lora": factors}, {**frozen, "unet": unet}
 
 
 def merge(base_params: Params, lora_params: Params, *, alpha: float, rank: int) -> Params:

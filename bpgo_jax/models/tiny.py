@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from bpgo_jax.models import lora as lora_lib
 from bpgo_jax.models.interface import DiffusionModel
 from bpgo_jax.models.text import HashTokenizer
+
+Params = Any
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
@@ -148,8 +152,27 @@ class TinyUNet(nn.Module):
         return out.astype(jnp.float32)
 
 
+# Every attention projection of the UNet (self- and cross-attention, q/k/v/out).
+TINY_ATTENTION_TARGETS = (r".*attn_\d+/(self|cross)_attn/(query|key|value|out)/kernel",)
+
+
+def with_lora(
+    cfg: ml_collections.ConfigDict, trainable: Params, frozen: Params, rng: jax.Array
+) -> tuple[Params, Params]:
+    """Full parameters -> LoRA factors over the frozen UNet, if `cfg.lora.rank > 0`."""
+    spec = lora_lib.spec_from_config(cfg.get("lora", None), TINY_ATTENTION_TARGETS)
+    return lora_lib.split_params(trainable["unet"], frozen, spec, rng)
+
+
 def tiny_model(cfg: ml_collections.ConfigDict) -> DiffusionModel:
-    """Builds the built-in model from `config.model` (see configs/image.py)."""
+    """Builds the built-in model from `config.model` (see configs/image.py).
+
+    `init` always returns the full parameters ({"unet"} trainable, {"text"}
+    frozen), the layout of shipped weights; with `config.model.lora.rank > 0`,
+    `with_lora` turns them into LoRA factors over a frozen UNet, and `predict`
+    accepts either form.
+    """
+    lora = lora_lib.spec_from_config(cfg.get("lora", None), TINY_ATTENTION_TARGETS)
     dtype = jnp.bfloat16 if cfg.get("dtype", "float32") == "bfloat16" else jnp.float32
     tokenizer = HashTokenizer(cfg.vocab_size, cfg.max_length)
     text = TextEncoder(
@@ -163,8 +186,16 @@ def tiny_model(cfg: ml_collections.ConfigDict) -> DiffusionModel:
         return {"hidden": text.apply({"params": frozen["text"]}, tokens), "mask": tokens != 0}
 
     def predict(trainable, frozen, x, t, cond):
-        del frozen
-        return unet.apply({"params": trainable["unet"]}, x, t, cond["hidden"], cond["mask"])
+        params = trainable.get("unet")
+        if params is None:  # LoRA factors over the frozen UNet (`with_lora`)
+            if lora is None:
+                raise ValueError("LoRA parameters given, but config.model.lora.rank is 0")
+            params = lora_lib.merge(
+                frozen["unet"], trainable["lora"], alpha=lora.alpha, rank=lora.rank
+            )
+            # Materialised, so rollout and update see bit-identical kernels (on-policy ratio 1).
+            params = jax.lax.optimization_barrier(params)
+        return unet.apply({"params": params}, x, t, cond["hidden"], cond["mask"])
 
     def decode(frozen, latents):
         del frozen

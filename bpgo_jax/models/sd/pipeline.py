@@ -24,6 +24,7 @@ from bpgo_jax.models import lora as lora_lib
 from bpgo_jax.models.clip import CLIPTextModel
 from bpgo_jax.models.clip.config import text_config_from_dict
 from bpgo_jax.models.interface import DiffusionModel
+from bpgo_jax.models.lora import LoraSpec
 from bpgo_jax.models.sd import loader
 from bpgo_jax.models.sd.config import unet_config_from_dict, vae_config_from_dict
 from bpgo_jax.models.sd.presets import preset
@@ -33,13 +34,6 @@ from bpgo_jax.models.sd.vae import AutoencoderKL
 from bpgo_jax.models.text import HashTokenizer
 
 Params = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    rank: int
-    alpha: float
-    targets: tuple[str, ...] = lora_lib.SD_ATTENTION_TARGETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +149,7 @@ def build_model(
             "text": random_params(m.text, k_text, dtype, tokens0),
             "vae": random_params(m.vae, k_vae, dtype, *loader.vae_inputs(v)),
         }
-        return split_params(unet, frozen, lora, k_lora)
+        return lora_lib.split_params(unet, frozen, lora, k_lora)
 
     return DiffusionModel(
         name="sd",
@@ -195,18 +189,6 @@ def random_params(module: nn.Module, rng: jax.Array, dtype: Any, *inputs: Any) -
         return jax.device_put(arr.astype(jnp.dtype(dtype)))
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def split_params(
-    unet: Params, frozen: Params, lora: LoraSpec | None, rng: jax.Array
-) -> tuple[Params, Params]:
-    """`(trainable, frozen)`: the UNet is trainable, or LoRA factors over a frozen UNet."""
-    if lora is None:
-        return {"unet": unet}, dict(frozen)
-    factors = lora_lib.init_lora(
-        unet, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, rng=rng
-    )
-    return {"lora": factors}, {**frozen, "unet": unet}
 
 
 def sd_model(
@@ -249,7 +231,7 @@ def sd_model(
         trainable, frozen = model.init(rng)
     else:
         frozen = {"text": params["text"], "vae": params["vae"]}
-        trainable, frozen = split_params(params["unet"], frozen, lora, rng)
+        trainable, frozen = lora_lib.split_params(params["unet"], frozen, lora, rng)
     return model, trainable, frozen
 
 
@@ -270,13 +252,7 @@ def sd_from_config(
     `sharding_fn(path, shape)` places each loaded tensor as it is read.
     """
     dtype = jnp.bfloat16 if cfg.get("dtype", "float32") == "bfloat16" else jnp.float32
-    lora_cfg = cfg.get("lora", None)
-    lora = None
-    if lora_cfg and lora_cfg.get("rank", 0):
-        targets = tuple(lora_cfg.get("targets", None) or lora_lib.SD_ATTENTION_TARGETS)
-        lora = LoraSpec(
-            int(lora_cfg["rank"]), float(lora_cfg.get("alpha", lora_cfg["rank"])), targets
-        )
+    lora = lora_lib.spec_from_config(cfg.get("lora", None), lora_lib.SD_ATTENTION_TARGETS)
     kw = dict(
         rng=rng,
         dtype=dtype,
