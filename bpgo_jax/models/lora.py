@@ -114,6 +114,18 @@ def split_params(
     return {"lora": factors}, {**frozen, "unet": unet}
 
 
+def unet_params(trainable: Params, frozen: Params, spec: LoraSpec | None) -> Params:
+    """The UNet weights to run: `trainable["unet"]`, or the LoRA-merged frozen UNet."""
+    if spec is None:
+        return trainable["unet"]
+    merged = merge(frozen["unet"], trainable["lora"], alpha=spec.alpha, rank=spec.rank)
+    # Materialise the merged kernels: left fusible, XLA folds the merge into
+    # the consuming convs/matmuls differently in the rollout (forward only)
+    # and in the update (forward + backward), and the on-policy ratio drifts
+    # from 1 by float rounding.
+    return jax.lax.optimization_barrier(merged)
+
+
 def merge(base_params: Params, lora_params: Params, *, alpha: float, rank: int) -> Params:
     """`W + (alpha / rank) * A @ B` at every adapted kernel (jittable, keeps W's dtype)."""
     scale = alpha / rank

@@ -186,15 +186,10 @@ def tiny_model(cfg: ml_collections.ConfigDict) -> DiffusionModel:
         return {"hidden": text.apply({"params": frozen["text"]}, tokens), "mask": tokens != 0}
 
     def predict(trainable, frozen, x, t, cond):
-        params = trainable.get("unet")
-        if params is None:  # LoRA factors over the frozen UNet (`with_lora`)
-            if lora is None:
-                raise ValueError("LoRA parameters given, but config.model.lora.rank is 0")
-            params = lora_lib.merge(
-                frozen["unet"], trainable["lora"], alpha=lora.alpha, rank=lora.rank
-            )
-            # Materialised, so rollout and update see bit-identical kernels (on-policy ratio 1).
-            params = jax.lax.optimization_barrier(params)
+        adapted = "lora" in trainable  # else full parameters (pre-training, shipped weights)
+        if adapted and lora is None:
+            raise ValueError("LoRA parameters given, but config.model.lora.rank is 0")
+        params = lora_lib.unet_params(trainable, frozen, lora if adapted else None)
         return unet.apply({"params": params}, x, t, cond["hidden"], cond["mask"])
 
     def decode(frozen, latents):

@@ -118,22 +118,12 @@ def build_model(
     dtype = m.unet.dtype
     tokens0 = jnp.zeros((1, m.text.cfg.max_position_embeddings), jnp.int32)
 
-    def unet_params(trainable: Params, frozen: Params) -> Params:
-        if lora is None:
-            return trainable["unet"]
-        merged = lora_lib.merge(frozen["unet"], trainable["lora"], alpha=lora.alpha, rank=lora.rank)
-        # Materialise the merged kernels: left fusible, XLA folds the merge into
-        # the consuming convs/matmuls differently in the rollout (forward only)
-        # and in the update (forward + backward), and the on-policy ratio drifts
-        # from 1 by float rounding.
-        return jax.lax.optimization_barrier(merged)
-
     def encode_text(frozen: Params, tokens: jax.Array) -> jax.Array:
         hidden, _ = m.text.apply({"params": frozen["text"]}, tokens)
         return hidden.astype(jnp.float32)
 
     def predict(trainable, frozen, x, t, cond):
-        return m.unet.apply({"params": unet_params(trainable, frozen)}, x, t, cond)
+        return m.unet.apply({"params": lora_lib.unet_params(trainable, frozen, lora)}, x, t, cond)
 
     def decode(frozen: Params, latents: jax.Array) -> jax.Array:
         z = latents.astype(jnp.float32) / v.scaling_factor
