@@ -12,6 +12,7 @@ from bpgo_jax import rewards as rewards_lib
 
 ADVANTAGE_METHODS = ("bpgo", "grpo", "ddpo_tracker")
 PRIOR_KINDS = ("fixed", "moving_average", "reference")
+FLOW_NOISE = ("flow_grpo", "dance", "ode")
 
 
 class ConfigError(ValueError):
@@ -62,7 +63,13 @@ def batch_layout(config: ml_collections.ConfigDict, num_devices: int, num_hosts:
         f"{mb}: the rollout evaluates the network in micro-batch-sized chunks",
     )
     steps = config.sample.num_steps
-    trained = max(1, int(round(config.train.timestep_fraction * steps)))
+    window = tuple(config.train.get("timestep_window", ()) or (0, steps))
+    _check(
+        len(window) == 2 and 0 <= window[0] < window[1] <= steps,
+        f"train.timestep_window={tuple(window)} must be (start, stop) with "
+        f"0 <= start < stop <= sample.num_steps={steps}",
+    )
+    trained = max(1, int(round(config.train.timestep_fraction * (window[1] - window[0]))))
     warmup = config.train.get("warmup_updates", 0)
     _check(
         isinstance(warmup, int) and warmup >= 0,
@@ -79,6 +86,7 @@ def batch_layout(config: ml_collections.ConfigDict, num_devices: int, num_hosts:
         "updates_per_inner_epoch": samples // tb,
         "micro_per_update": tb // mb,
         "trained_steps": trained,
+        "timestep_window": window,
     }
 
 
@@ -138,6 +146,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int
         )
     else:
         _check(config.sample.noise != "ode", "sample.noise='ode' has no log-probability to train")
+    eval_noise = config.eval.get("noise", "")
+    _check(
+        eval_noise in ("", *FLOW_NOISE) and not (eval_noise and config.sample.kind != "flow"),
+        f"eval.noise={eval_noise!r} must be '' or, for a flow sampler, one of {FLOW_NOISE}",
+    )
     _check(
         config.model.get("dtype", "float32") in ("float32", "bfloat16"),
         f"model.dtype={config.model.get('dtype')!r} is not float32 or bfloat16",

@@ -204,6 +204,11 @@ class Trainer:
         if config.mesh.gather_params and self.mesh.shape.get("fsdp", 1) > 1:
             self.model = _gathered(self.model, self.mesh)
         self.sampler = samplers.make_sampler(config.sample, self.model)
+        self.eval_sampler = self.sampler
+        if config.eval.get("noise", ""):
+            eval_sample = config.sample.copy_and_resolve_references()
+            eval_sample.noise = config.eval.noise
+            self.eval_sampler = samplers.make_sampler(eval_sample, self.model)
         self.rewards = build_reward_set(config.rewards)
         self.eval_rewards = build_reward_set(config.eval.rewards) if config.eval.rewards else None
         self.prompts = load_prompts(config.prompts.path)
@@ -282,7 +287,9 @@ class Trainer:
         )
         self.rollout_fn = jax.jit(functools.partial(rollout, reward_set=self.rewards))
         if self.eval_rewards is not None:
-            self.eval_fn = jax.jit(functools.partial(rollout, reward_set=self.eval_rewards))
+            self.eval_fn = jax.jit(
+                functools.partial(rollout, reward_set=self.eval_rewards, sampler=self.eval_sampler)
+            )
         b = self.batch_sh
         self.adv_fn = jax.jit(
             functools.partial(_advantages, cfg=cfg, group_size=cfg.sample.group_size),

@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=32,
         micro_batch_size=16,
         timestep_fraction=1.0,
+        # Steps [start, stop) that training draws from; () = every step. Early
+        # steps decide composition; late ones only texture (see README).
+        timestep_window=(),
         clip_range=1e-4,
         kl_beta=0.0,
         ema_decay=0.0,
@@ -97,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
         num_prompts=64,
         every=5,
         use_ema=True,
+        # Flow sampler noise of evaluations; "" = the rollout's. "ode" reads the
+        # policy's mean behaviour (deterministic given the initial noise).
+        noise="",
     )
     # num_devices=0 uses every device; N uses the first N (debugging, tests).
     # gather_params: all-gather params before each network call (exact on-policy

@@ -37,9 +37,11 @@ def get_config():
         text_depth=2,
     )
     c.prompts.path = str(ASSETS / "prompts_train.jsonl")
+    # 6 steps: the shipped generator is as accurate as with 10 (val 0.391 vs
+    # 0.371, README "Status") at 60% of the cost per sample.
     c.sample.update(
         kind="flow",
-        num_steps=10,
+        num_steps=6,
         noise="flow_grpo",
         noise_level=0.7,
         group_size=8,
@@ -52,12 +54,16 @@ def get_config():
     c.prior.update(kind="moving_average", decay=0.9, init_value=0.1)
     # One on-policy update per epoch on all 64 samples; the KL to the initial
     # policy keeps the full fine-tune from drifting (without it, held-out
-    # reward fell in our runs, see README "Status").
+    # reward fell in our runs, see README "Status"). Only the first two steps
+    # (noise 1 -> 0.67) are trained: their noise decides what is drawn, while
+    # the later steps' noise barely changes a sample's verdict, so their
+    # gradient terms would add noise and cost (README "Status").
     c.train.update(
         num_epochs=30,
         batch_size=64,
         micro_batch_size=16,
-        timestep_fraction=0.5,
+        timestep_window=(0, 2),
+        timestep_fraction=1.0,
         lr=3e-4,
         kl_beta=0.04,
         ema_decay=0.0,

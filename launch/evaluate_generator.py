@@ -12,9 +12,11 @@ well the learned reward model ranks the generator's own samples.
 With --group_size=1 (default) this is launch/pretrain.py's evaluation (one
 sample per held-out prompt, keys from `eval.seed`, the RL rollout sampler),
 so numbers match generator.json and docs/world.md. Any `--config.sample.*`
-field (guidance, steps, noise) can be changed. With --group_size=G > 1 each
-prompt gets G samples, as in a GRPO group, and the reward model's agreement
-with the oracle on them is reported too (`world.evaluate.group_agreement`).
+field (guidance, steps, noise) can be changed. Accuracy is also given per
+caption kind. With --group_size=G > 1 each prompt gets G samples, as in a
+GRPO group: `coverage` gives the shares of prompts never / always / at most
+once right (`world.evaluate.group_coverage`), and the reward model's
+agreement with the oracle on them is reported too (`group_agreement`).
 Prints one JSON line; `--grid` also saves captioned samples (OK / -- is the
 oracle's verdict).
 """
@@ -44,6 +46,7 @@ flags.mark_flags_as_required(["config", "weights"])
 def main(argv: list[str]) -> None:
     del argv
     import jax
+    import numpy as np
     from PIL import Image
 
     from bpgo_jax import pretrain
@@ -52,7 +55,7 @@ def main(argv: list[str]) -> None:
     from bpgo_jax.models.tiny import tiny_model
     from bpgo_jax.prompts import load_prompts
     from bpgo_jax.world import reward_model
-    from bpgo_jax.world.evaluate import group_agreement
+    from bpgo_jax.world.evaluate import group_agreement, group_coverage
 
     cfg = _CONFIG.value
     if not Path(_WEIGHTS.value).is_file():
@@ -94,8 +97,15 @@ def main(argv: list[str]) -> None:
         "guidance_scale": cfg.sample.guidance_scale,
         "sampler": cfg.sample.kind,
         "num_steps": cfg.sample.num_steps,
+        "noise": cfg.sample.noise,
+        "noise_level": cfg.sample.noise_level,
+    }
+    kinds = [m.get("kind", "") for m in prompt_set.metadata[:n] for _ in range(g)]
+    result["accuracy_by_kind"] = {
+        kind: round(float(ok[np.asarray(kinds) == kind].mean()), 4) for kind in sorted(set(kinds))
     }
     if g > 1:
+        result["coverage"] = {k: round(v, 4) for k, v in group_coverage(ok.reshape(n, g)).items()}
         params, rm_cfg = reward_model.load(_REWARD.value or None)
         scores = reward_model.host_scorer(params, rm_cfg)(images, prompts)
         agreement = group_agreement(scores.reshape(n, g), ok.reshape(n, g))

@@ -35,6 +35,9 @@ from bpgo_jax.rollout import samplers, schedules
         ({"sample.kind": "ddim", "sample.eta": 0.0}, "sample.eta=0.0"),
         ({"train.timestep_fraction": 0.0}, "train.timestep_fraction=0.0"),
         ({"train.warmup_updates": -1}, "train.warmup_updates=-1"),
+        ({"train.timestep_window": (2, 2)}, "train.timestep_window=(2, 2)"),
+        ({"train.timestep_window": (0, 4)}, "train.timestep_window=(0, 4)"),
+        ({"eval.noise": "sde"}, "eval.noise='sde'"),
         ({"eval.extra_prompts": {"ood": "x.txt"}}, "config.eval.extra_prompts.ood"),
     ],
 )
@@ -62,6 +65,7 @@ def test_layout(tmp_path):
         "updates_per_inner_epoch": 2,
         "micro_per_update": 1,
         "trained_steps": 3,
+        "timestep_window": (0, 3),
     }
 
 
@@ -216,3 +220,45 @@ def test_optimizer_warmup_ramps_the_step_size():
     np.testing.assert_allclose(steps(0), [1e-2] * 5, rtol=1e-4)
     np.testing.assert_allclose(steps(4), [2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2], rtol=1e-4)
     np.testing.assert_allclose(steps(1), steps(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("window", "fraction", "expected"), [((1, 3), 1.0, 2), ((0, 3), 0.5, 2)])
+def test_trained_steps_come_from_the_window(tmp_path, window, fraction, expected):
+    """Each sample trains on `expected` distinct steps, all inside `train.timestep_window`."""
+    from types import SimpleNamespace
+
+    from bpgo_jax.config import batch_layout
+    from bpgo_jax.update import step
+    from bpgo_jax.update.loss import PolicyBatch
+
+    cfg = tiny_config(
+        tmp_path, **{"train.timestep_window": window, "train.timestep_fraction": fraction}
+    )
+    lay = batch_layout(cfg, 1)
+    assert lay["trained_steps"] == expected and lay["timestep_window"] == window
+    opts = step.step_options(cfg, lay, 1, model=None, sampler=None, optimizer=None)
+    b, t = 64, cfg.sample.num_steps
+    batch = PolicyBatch(
+        *(jnp.zeros((b, t, 1)) for _ in range(3)), *(jnp.zeros(b) for _ in range(3))
+    )
+    state = SimpleNamespace(rng=jax.random.key_data(jax.random.key(0)))
+    _, order, _ = step._prepare(state, batch, opts)
+    order = np.asarray(order).reshape(-1, expected)
+    assert order.min() >= window[0] and order.max() < window[1]
+    assert all(len(set(row)) == expected for row in order)
+    assert len(np.unique(order)) == window[1] - window[0]  # every window step gets drawn
+
+
+def test_samplers_differing_only_in_noise_are_distinct():
+    """Jitted functions take the sampler as a static argument: equal means one program."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(
+        kind="flow", num_steps=4, shift=1.0, noise="flow_grpo", noise_level=0.7, guidance_scale=1.0
+    )
+    model = SimpleNamespace(prediction_type="flow")
+    sde = samplers.make_sampler(cfg, model)
+    ode = samplers.make_sampler(SimpleNamespace(**{**vars(cfg), "noise": "ode"}), model)
+    assert sde == samplers.make_sampler(cfg, model)
+    assert hash(sde) == hash(samplers.make_sampler(cfg, model))
+    assert sde != ode and hash(sde) != hash(ode)

@@ -250,7 +250,7 @@ def test_shipped_generator_loads_and_matches_documented_accuracy():
         model,
         trainable,
         frozen,
-        cfg.sample,
+        pretrain_config().sample,  # the sampler generator.json was measured with
         heldout.prompts[:n],
         cons,
         seed=info["eval_seed"],
@@ -288,6 +288,14 @@ def test_evaluate_generator_command(tmp_path):
         "mixed_group_fraction",
         "advantage_gap",
     }
+    cov = got["coverage"]
+    assert cov["never_right"] + cov["mixed"] + cov["always_right"] == pytest.approx(1.0, abs=1e-3)
+    # Per-kind accuracies over the first three held-out prompts average to the overall one.
+    lines = (root / "bpgo_jax" / "world" / "assets" / "prompts_heldout.jsonl").read_text()
+    kinds = [json.loads(line)["metadata"]["kind"] for line in lines.splitlines()[:3]]
+    assert set(got["accuracy_by_kind"]) == set(kinds)
+    by_kind = np.mean([got["accuracy_by_kind"][k] for k in kinds])
+    assert by_kind == pytest.approx(got["oracle_accuracy"], abs=1e-3)
     bad = subprocess.run(
         [*base, f"--weights={tmp_path / 'none.msgpack'}"], capture_output=True, text=True
     )

@@ -15,7 +15,12 @@ import bpgo_jax.world  # noqa: F401  (registers world_clip and world_oracle)
 from bpgo_jax.rewards import base
 from bpgo_jax.world import reward_model as rm
 from bpgo_jax.world.data import sample_pairs
-from bpgo_jax.world.evaluate import group_agreement, reward_agreement, reward_eval_set
+from bpgo_jax.world.evaluate import (
+    group_agreement,
+    group_coverage,
+    reward_agreement,
+    reward_eval_set,
+)
 from bpgo_jax.world.grammar import caption_scene
 from bpgo_jax.world.render import render_float
 from bpgo_jax.world.scenes import Scene, WorldObject
@@ -172,3 +177,15 @@ def test_group_agreement_reads_rankings_within_groups_only():
     assert np.isnan(none["within_group_auc"]) and np.isnan(none["advantage_gap"])
     with pytest.raises(ValueError, match="must both be"):
         group_agreement(scores.ravel(), correct.ravel())
+
+
+def test_group_coverage_counts_prompts_by_right_samples():
+    correct = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
+    assert group_coverage(correct) == {
+        "never_right": 0.25,
+        "at_most_one_right": 0.5,
+        "always_right": 0.25,
+        "mixed": 0.5,
+    }
+    with pytest.raises(ValueError, match="G >= 2"):
+        group_coverage(correct[:, :1])

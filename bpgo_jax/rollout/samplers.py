@@ -36,9 +36,17 @@ class Sampler:
     guidance_scale: float
     tables: dict[str, np.ndarray] = dataclasses.field(hash=False, compare=False)
     clip_sample: float | None = None
+    # The tables' values, derived: samplers that differ only in noise must not
+    # compare (or hash) equal, or a jit cache would hand one the other's program.
+    table_values: tuple = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        values = tuple((k, tuple(np.asarray(v).tolist())) for k, v in sorted(self.tables.items()))
+        object.__setattr__(self, "table_values", values)
 
     def __hash__(self):  # static argument of jitted functions
-        return hash((self.kind, self.prediction_type, self.num_steps, self.guidance_scale))
+        key = (self.kind, self.prediction_type, self.num_steps, self.guidance_scale)
+        return hash((*key, self.table_values))
 
 
 def make_sampler(cfg, model: DiffusionModel) -> Sampler:

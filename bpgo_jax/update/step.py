@@ -2,7 +2,8 @@
 
 Gradients are accumulated over micro-batches x trained denoising steps with a
 single parameter-sized accumulator (no buffer per step). Each sample trains on
-its own random subset of steps (DDPO's `timestep_fraction`). Non-finite loss
+its own random subset of steps (DDPO's `timestep_fraction`), drawn from
+`train.timestep_window` (default all steps). Non-finite loss
 or gradients leave the state untouched and are reported.
 
 Two ways to run the accumulation loop, same arithmetic:
@@ -49,6 +50,7 @@ class StepOptions(NamedTuple):
     num_micro: int
     num_shards: int
     num_train_steps: int
+    window: tuple[int, int]  # steps [start, stop) that training draws from
     clip_range: float
     crt_coef: float
     kl_beta: float
@@ -74,6 +76,7 @@ def step_options(
         num_micro=layout["micro_per_update"],
         num_shards=num_shards,
         num_train_steps=layout["trained_steps"],
+        window=tuple(layout["timestep_window"]),
         clip_range=t.clip_range,
         crt_coef=config.advantage.crt_coef if config.advantage.method == "bpgo" else 0.0,
         kl_beta=t.kl_beta,
@@ -107,10 +110,11 @@ def _all_finite(tree) -> jax.Array:
 def _prepare(state: TrainState, batch: PolicyBatch, opts: StepOptions):
     """Micro-batches, each sample's trained step indices, and the next rng."""
     rng, perm_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-    batch_size, total_steps = batch.outputs.shape[:2]
+    batch_size = batch.outputs.shape[0]
+    start, stop = opts.window
     perm_keys = jax.random.split(perm_key, batch_size)
-    order = jax.vmap(lambda key: jax.random.permutation(key, total_steps))(perm_keys)
-    order = order[:, : opts.num_train_steps]
+    order = jax.vmap(lambda key: jax.random.permutation(key, stop - start))(perm_keys)
+    order = order[:, : opts.num_train_steps] + start
     micro, micro_order = split_chunks((batch, order), opts.num_micro, opts.num_shards)
     return micro, micro_order, jax.random.key_data(rng)
 
@@ -216,6 +220,11 @@ class HostAccumulatedStep:
         }
 
     def __call__(self, state, batch, frozen, ref_trainable, uncond):
+        acc, metrics, rng = self.gradient_sum(state, batch, frozen, ref_trainable, uncond)
+        return self.finish(state, acc, metrics, rng)
+
+    def gradient_sum(self, state, batch, frozen, ref_trainable, uncond):
+        """(sum of the `opts.count` item gradients, stacked item metrics, next rng)."""
         micro, micro_order, rng = self.prepare(state, batch)
         acc = self.zeros(state.trainable)
         metrics = []
@@ -232,4 +241,4 @@ class HostAccumulatedStep:
             )
             metrics.append(m)
         metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
-        return self.finish(state, acc, metrics, rng)
+        return acc, metrics, rng

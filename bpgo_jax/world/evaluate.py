@@ -100,6 +100,24 @@ def group_agreement(scores: np.ndarray, correct: np.ndarray) -> dict[str, float]
     }
 
 
+def group_coverage(correct: np.ndarray) -> dict[str, float]:
+    """Shares of prompts by how many of their G samples are right; correct: [P, G] bools.
+
+    GRPO learns only from mixed groups: a prompt never right carries no
+    signal however good the reward, so `never_right` bounds what RL can reach.
+    """
+    correct = np.asarray(correct, bool)
+    if correct.ndim != 2 or correct.shape[1] < 2:
+        raise ValueError(f"correct {correct.shape} must be [P, G] with G >= 2")
+    k = correct.sum(axis=1)
+    return {
+        "never_right": float((k == 0).mean()),
+        "at_most_one_right": float((k <= 1).mean()),
+        "always_right": float((k == correct.shape[1]).mean()),
+        "mixed": float(((k > 0) & (k < correct.shape[1])).mean()),
+    }
+
+
 def reward_eval_set(rng: np.random.Generator, n: int, split: str = "heldout") -> dict[str, Any]:
     """Renders of n scenes, each with 3 captions and ground-truth labels.
 

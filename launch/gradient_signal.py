@@ -1,0 +1,128 @@
+"""How much of one update's policy gradient is signal: gradients of independent rollouts.
+
+    python launch/gradient_signal.py --config=configs/oracle_reward.py \
+        --config.advantage.method=grpo --batches=6
+    python launch/gradient_signal.py --config=configs/oracle_reward.py \
+        --config.advantage.method=grpo --batches=6 --same_prompts \
+        --config.train.timestep_window="(0,3)" --config.train.timestep_fraction=1.0
+
+Draws `--batches` rollout batches of one epoch's size (`prompts_per_epoch` x
+`group_size`) from the config's starting policy, each with its own sampling
+key (and, unless `--same_prompts`, its own prompts), and computes each
+batch's update gradient (the config's loss, trained steps and layout; no
+optimiser step). If every batch's gradient were pure noise around a common
+mean g, their pairwise cosines would average 0 and |mean|^2 / E|g_b|^2 would
+be 1 / batches; `signal_share` estimates |g|^2 / E|g_b|^2, the fraction of one
+update's squared gradient that is the expected gradient. Prints one JSON line.
+A run of N updates cannot move a policy much when this share is near 0:
+Adam's early steps follow the sign of each coordinate, noise included.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import itertools  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=False)
+_BATCHES = flags.DEFINE_integer("batches", 6, "Independent rollout batches (>= 2).")
+_SAME = flags.DEFINE_bool("same_prompts", False, "Every batch samples the same prompts.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bpgo_jax.prompts import prompt_ids
+    from bpgo_jax.train import Trainer
+    from bpgo_jax.update.loss import PolicyBatch
+    from bpgo_jax.update.step import HostAccumulatedStep, step_options
+
+    if _BATCHES.value < 2:
+        sys.exit(f"error: --batches={_BATCHES.value} must be >= 2")
+    cfg = _CONFIG.value
+    cfg.eval.rewards, cfg.eval.prompts_path, cfg.eval.extra_prompts = {}, "", {}  # no evaluation
+    cfg.log.tensorboard = False
+    # One update = one epoch's samples, whatever train.batch_size says.
+    n, g = cfg.sample.prompts_per_epoch, cfg.sample.group_size
+    cfg.train.batch_size = n * g
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(cfg, workdir)
+        opts = step_options(
+            cfg,
+            trainer.layout,
+            trainer.shards,
+            model=trainer.model,
+            sampler=trainer.sampler,
+            optimizer=trainer.optimizer,
+        )
+        step = HostAccumulatedStep(
+            opts, state_shardings=trainer.state_sh, metric_sharding=trainer.repl
+        )
+        grads, rewards, mixed = [], [], []
+        for b in range(_BATCHES.value):
+            ids = prompt_ids(len(trainer.prompts), cfg.seed + (0 if _SAME.value else b), 0, n)
+            latents, outs, cond, scores, _, _ = trainer.generate(
+                ids,
+                trainer.prompts,
+                per_prompt=g,
+                trainable=trainer.state.trainable,
+                epoch_key=trainer._epoch_key(10_000 + b, 0),
+                bar_desc=f"rollout {b}",
+            )
+            total = trainer._total_reward(trainer.rewards, scores)
+            ids_dev = jax.device_put(jnp.asarray(ids, jnp.int32), trainer.repl)
+            adv, w, crt, _, _ = trainer.adv_fn(trainer.state.prior, ids_dev, total)
+            batch = PolicyBatch(latents, outs, cond, adv, w, crt)
+            acc, _, _ = step.gradient_sum(
+                trainer.state, batch, trainer.frozen, trainer.ref_trainable, trainer.uncond
+            )
+            leaves = jax.tree.leaves(jax.device_get(acc))
+            grads.append(np.concatenate([np.ravel(x).astype(np.float64) for x in leaves]))
+            r = np.asarray(total).reshape(n, g)
+            rewards.append(float(r.mean()))
+            mixed.append(float((r.std(axis=1) > 0).mean()))
+        trainer.ckpt.close()
+        trainer.logger.close()
+    grad = np.stack(grads) / opts.count
+    norms = np.linalg.norm(grad, axis=1)
+    pairs = itertools.combinations(range(len(grad)), 2)
+    cos = [grad[i] @ grad[j] / (norms[i] * norms[j]) for i, j in pairs]
+    mean = grad.mean(axis=0)
+    k = len(grad)
+    share = float(mean @ mean / np.mean(norms**2))
+    print(
+        json.dumps(
+            {
+                "batches": k,
+                "samples_per_batch": n * g,
+                "same_prompts": _SAME.value,
+                "trained_steps": trainer.layout["trained_steps"],
+                "timestep_window": list(trainer.layout["timestep_window"]),
+                "cosine_mean": round(float(np.mean(cos)), 4),
+                "cosine_sd": round(float(np.std(cos)), 4),
+                "mean_sq_over_sq": round(share, 4),
+                "noise_only": round(1 / k, 4),
+                # E|mean|^2 = |g|^2 + (E|g_b|^2 - |g|^2) / k, solved for |g|^2 / E|g_b|^2.
+                "signal_share": round((share - 1 / k) / (1 - 1 / k), 4),
+                "grad_norm_mean": float(norms.mean()),
+                "reward_mean": [round(x, 4) for x in rewards],
+                "mixed_group_fraction": [round(x, 4) for x in mixed],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
