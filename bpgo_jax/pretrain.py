@@ -5,7 +5,7 @@ but often gets the caption wrong, so there is reward signal to learn from.
 This module holds the pure parts of making one: the host-side data batches
 (caption dropout included, so classifier-free guidance works later), the
 jitted flow-matching step over *all* parameters (the text encoder is only
-frozen during RL), and the held-out oracle evaluation with the RL sampler.
+frozen during RL), and the held-out oracle evaluation with an RL sampler.
 `launch/pretrain.py` drives them.
 """
 
@@ -224,8 +224,8 @@ def make_generate(
 ) -> Callable[[Params, Params, np.ndarray, jax.Array], jax.Array]:
     """Jitted `generate(trainable, frozen, tokens, keys) -> images [B, H, W, 3] in [0, 1]`.
 
-    Uses the RL rollout sampler itself, so accuracy measured here is the
-    accuracy RL starts from.
+    Uses the RL rollout sampler of `sample_cfg` itself, so accuracy measured
+    with a run's sampler is the accuracy that run starts from.
     """
     sampler = make_sampler(sample_cfg, model)
     negative = model.tokenize([sample_cfg.negative_prompt])

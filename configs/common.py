@@ -73,8 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=32,
         micro_batch_size=16,
         timestep_fraction=1.0,
-        # Steps [start, stop) that training draws from; () = every step. Early
-        # steps decide composition; late ones only texture (see README).
+        # Steps [start, stop) that training draws from; () = every step. The
+        # early, high-noise steps decide composition (see README "Status").
         timestep_window=(),
         clip_range=1e-4,
         kl_beta=0.0,

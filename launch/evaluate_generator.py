@@ -10,9 +10,9 @@ well the learned reward model ranks the generator's own samples.
         --prompts_file=bpgo_jax/world/assets/prompts_train.jsonl
 
 With --group_size=1 (default) this is launch/pretrain.py's evaluation (one
-sample per held-out prompt, keys from `eval.seed`, the RL rollout sampler),
-so numbers match generator.json and docs/world.md. Any `--config.sample.*`
-field (guidance, steps, noise) can be changed. Accuracy is also given per
+sample per held-out prompt, keys from `eval.seed`, the config's 10-step SDE
+sampler), so numbers match generator.json and docs/world.md. Any
+`--config.sample.*` field (guidance, steps, noise) can be changed. Accuracy is also given per
 caption kind. With --group_size=G > 1 each prompt gets G samples, as in a
 GRPO group: `coverage` gives the shares of prompts never / always / at most
 once right (`world.evaluate.group_coverage`), and the reward model's

@@ -202,6 +202,28 @@ def test_ddim_with_guidance_is_on_policy(tmp_path):
     assert lines[1]["eval_sat_other"] != lines[1]["eval_sat"]
 
 
+def test_eval_noise_ode_evaluates_with_the_deterministic_sampler(tmp_path):
+    """`eval.noise=ode`: evaluations use the ODE sampler, rollouts keep their SDE."""
+    evals = {}
+    for noise in ("", "ode"):
+        config = tiny_config(
+            tmp_path,
+            **{
+                "eval.noise": noise,
+                "eval.rewards": {"saturation": {"weight": 1.0}},
+                "eval.prompts_path": str(tmp_path / "prompts.txt"),
+                "eval.num_prompts": 4,
+            },
+        )
+        trainer = Trainer(config, tmp_path / f"run_{noise or 'sde'}")
+        assert np.all(trainer.sampler.tables["std"] > 0)
+        assert np.all(trainer.eval_sampler.tables["std"] == 0) == (noise == "ode")
+        evals[noise] = trainer.evaluate()["eval_saturation"]
+        trainer.ckpt.close()
+        trainer.logger.close()
+    assert evals["ode"] != evals[""]
+
+
 def test_non_finite_rewards_skip_then_abort(tmp_path):
     config = tiny_config(
         tmp_path,
