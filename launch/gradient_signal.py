@@ -10,10 +10,10 @@ Draws `--batches` rollout batches of one epoch's size (`prompts_per_epoch` x
 `group_size`) from the config's starting policy, each with its own sampling
 key (and, unless `--same_prompts`, its own prompts), and computes each
 batch's update gradient (the config's loss, trained steps and layout; no
-optimiser step). If every batch's gradient were pure noise around a common
-mean g, their pairwise cosines would average 0 and |mean|^2 / E|g_b|^2 would
-be 1 / batches; `signal_share` estimates |g|^2 / E|g_b|^2, the fraction of one
-update's squared gradient that is the expected gradient. Prints one JSON line.
+optimiser step). If every batch's gradient were pure noise, their pairwise
+cosines would average 0; `signal_share` estimates the fraction of one
+update's squared gradient that is the expected gradient
+(`bpgo_jax.update.signal`). Prints one JSON line.
 A run of N updates cannot move a policy much when this share is near 0:
 Adam's early steps follow the sign of each coordinate, noise included.
 """
@@ -25,7 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import itertools  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -47,6 +46,7 @@ def main(argv: list[str]) -> None:
     from bpgo_jax.prompts import prompt_ids
     from bpgo_jax.train import Trainer
     from bpgo_jax.update.loss import PolicyBatch
+    from bpgo_jax.update.signal import gradient_signal
     from bpgo_jax.update.step import HostAccumulatedStep, step_options
 
     if _BATCHES.value < 2:
@@ -95,28 +95,16 @@ def main(argv: list[str]) -> None:
             mixed.append(float((r.std(axis=1) > 0).mean()))
         trainer.ckpt.close()
         trainer.logger.close()
-    grad = np.stack(grads) / opts.count
-    norms = np.linalg.norm(grad, axis=1)
-    pairs = itertools.combinations(range(len(grad)), 2)
-    cos = [grad[i] @ grad[j] / (norms[i] * norms[j]) for i, j in pairs]
-    mean = grad.mean(axis=0)
-    k = len(grad)
-    share = float(mean @ mean / np.mean(norms**2))
+    stats = gradient_signal(np.stack(grads) / opts.count)
     print(
         json.dumps(
             {
-                "batches": k,
+                "batches": len(grads),
                 "samples_per_batch": n * g,
                 "same_prompts": _SAME.value,
                 "trained_steps": trainer.layout["trained_steps"],
                 "timestep_window": list(trainer.layout["timestep_window"]),
-                "cosine_mean": round(float(np.mean(cos)), 4),
-                "cosine_sd": round(float(np.std(cos)), 4),
-                "mean_sq_over_sq": round(share, 4),
-                "noise_only": round(1 / k, 4),
-                # E|mean|^2 = |g|^2 + (E|g_b|^2 - |g|^2) / k, solved for |g|^2 / E|g_b|^2.
-                "signal_share": round((share - 1 / k) / (1 - 1 / k), 4),
-                "grad_norm_mean": float(norms.mean()),
+                **{k: v if k == "grad_norm_mean" else round(v, 4) for k, v in stats.items()},
                 "reward_mean": [round(x, 4) for x in rewards],
                 "mixed_group_fraction": [round(x, 4) for x in mixed],
             }

@@ -262,3 +262,22 @@ def test_samplers_differing_only_in_noise_are_distinct():
     assert sde == samplers.make_sampler(cfg, model)
     assert hash(sde) == hash(samplers.make_sampler(cfg, model))
     assert sde != ode and hash(sde) != hash(ode)
+
+
+def test_gradient_signal_recovers_the_share_of_the_expected_gradient():
+    """Draws g + noise with |g|^2 = s * E|g_b|^2: the estimate finds s; pure noise gives ~0."""
+    from bpgo_jax.update.signal import gradient_signal
+
+    rng = np.random.default_rng(0)
+    k, p = 400, 2000
+    mean = rng.normal(size=p)
+    for share in (0.0, 0.2, 0.7):
+        # E|n_b|^2 = p * sigma^2 = |g|^2 (1 - s) / s for s > 0.
+        sigma = 1.0 if share == 0 else np.sqrt(mean @ mean * (1 - share) / share / p)
+        g = (0.0 if share == 0 else mean) + sigma * rng.normal(size=(k, p))
+        got = gradient_signal(g)
+        assert got["signal_share"] == pytest.approx(share, abs=0.03)
+        assert got["cosine_mean"] == pytest.approx(share, abs=0.03)  # E cos ~ s for equal norms
+        assert got["noise_only"] == 1 / k
+    with pytest.raises(ValueError, match="K >= 2"):
+        gradient_signal(np.ones((1, 3)))
