@@ -66,7 +66,7 @@ def batch_layout(config: ml_collections.ConfigDict, num_devices: int, num_hosts:
     window = tuple(config.train.get("timestep_window", ()) or (0, steps))
     _check(
         len(window) == 2 and 0 <= window[0] < window[1] <= steps,
-        f"train.timestep_window={tuple(window)} must be (start, stop) with "
+        f"train.timestep_window={window} must be (start, stop) with "
         f"0 <= start < stop <= sample.num_steps={steps}",
     )
     trained = max(1, int(round(config.train.timestep_fraction * (window[1] - window[0]))))

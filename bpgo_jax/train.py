@@ -512,6 +512,18 @@ class Trainer:
                 )
             self._cache_sizes[name] = size
 
+    def policy_batch(self, ids: np.ndarray, latents, outs, cond, total):
+        """The update's batch of one rollout of prompts `ids`: its advantages (the
+        DDPO tracker's, which records `total`, or BPGO/GRPO's against the current
+        priors), the priors updated with it, and the advantage metrics."""
+        g = self.config.sample.group_size
+        ids_dev = jax.device_put(ids.astype(np.int32), self.repl)
+        adv, w, crt, prior, adv_metrics = self.adv_fn(self.state.prior, ids_dev, total)
+        if self.tracker is not None:
+            all_prompts = [self.prompts.prompts[i] for i in ids for _ in range(g)]
+            adv = jax.device_put(self.tracker.update(all_prompts, np.asarray(total)), self.batch_sh)
+        return PolicyBatch(latents, outs, cond, adv, w, crt), prior, adv_metrics
+
     def run_epoch(self) -> dict:
         cfg, lay = self.config, self.layout
         n, g = cfg.sample.prompts_per_epoch, cfg.sample.group_size
@@ -536,18 +548,11 @@ class Trainer:
         record: dict[str, Any] = {"epoch": self.epoch}
         finite = bool(np.all(np.isfinite(np.asarray(multihost_utils.process_allgather(total)))))
         if finite:
-            ids_dev = jax.device_put(ids.astype(np.int32), self.repl)
-            adv, w, crt, prior, adv_metrics = self.adv_fn(self.state.prior, ids_dev, total)
-            if self.tracker is not None:
-                all_prompts = [self.prompts.prompts[i] for i in ids for _ in range(g)]
-                adv = jax.device_put(
-                    self.tracker.update(all_prompts, np.asarray(total)), self.batch_sh
-                )
+            batch, prior, adv_metrics = self.policy_batch(ids, latents, outs, cond, total)
             self.state = self.state._replace(prior=prior)
-            batch = PolicyBatch(latents, outs, cond, adv, w, crt)
             step_metrics = []
             for inner in range(cfg.train.inner_epochs):
-                perm = np.random.default_rng([cfg.seed, self.epoch, inner]).permutation(len(adv))
+                perm = np.random.default_rng([cfg.seed, self.epoch, inner]).permutation(n * g)
                 batches = self.shuffle_fn(batch, jax.device_put(perm, self.repl))
                 for u in range(lay["updates_per_inner_epoch"]):
                     mb = jax.tree.map(lambda x, u=u: x[u], batches)

@@ -100,9 +100,9 @@ def main(argv: list[str]) -> None:
         "noise": cfg.sample.noise,
         "noise_level": cfg.sample.noise_level,
     }
-    kinds = [m.get("kind", "") for m in prompt_set.metadata[:n] for _ in range(g)]
+    kinds = np.array([m.get("kind", "") for m in prompt_set.metadata[:n] for _ in range(g)])
     result["accuracy_by_kind"] = {
-        kind: round(float(ok[np.asarray(kinds) == kind].mean()), 4) for kind in sorted(set(kinds))
+        kind: round(float(ok[kinds == kind].mean()), 4) for kind in sorted(set(kinds))
     }
     if g > 1:
         result["coverage"] = {k: round(v, 4) for k, v in group_coverage(ok.reshape(n, g)).items()}

@@ -13,7 +13,9 @@ batch's update gradient (the config's loss, trained steps and layout; no
 optimiser step). If every batch's gradient were pure noise, their pairwise
 cosines would average 0; `signal_share` estimates the fraction of one
 update's squared gradient that is the expected gradient
-(`bpgo_jax.update.signal`). Prints one JSON line.
+(`bpgo_jax.update.signal`). Prints one JSON line. (With
+`advantage.method=ddpo_tracker` the tracker keeps its history across batches,
+as in training.)
 A run of N updates cannot move a policy much when this share is near 0:
 Adam's early steps follow the sign of each coordinate, noise included.
 """
@@ -40,36 +42,25 @@ flags.mark_flags_as_required(["config"])
 def main(argv: list[str]) -> None:
     del argv
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from bpgo_jax.prompts import prompt_ids
     from bpgo_jax.train import Trainer
-    from bpgo_jax.update.loss import PolicyBatch
     from bpgo_jax.update.signal import gradient_signal
-    from bpgo_jax.update.step import HostAccumulatedStep, step_options
 
     if _BATCHES.value < 2:
         sys.exit(f"error: --batches={_BATCHES.value} must be >= 2")
     cfg = _CONFIG.value
     cfg.eval.rewards, cfg.eval.prompts_path, cfg.eval.extra_prompts = {}, "", {}  # no evaluation
     cfg.log.tensorboard = False
-    # One update = one epoch's samples, whatever train.batch_size says.
+    # One update = one epoch's samples, whatever train.batch_size says; the host
+    # accumulation loop exposes the gradient before the optimiser step.
     n, g = cfg.sample.prompts_per_epoch, cfg.sample.group_size
     cfg.train.batch_size = n * g
+    cfg.train.accumulate = "host"
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(cfg, workdir)
-        opts = step_options(
-            cfg,
-            trainer.layout,
-            trainer.shards,
-            model=trainer.model,
-            sampler=trainer.sampler,
-            optimizer=trainer.optimizer,
-        )
-        step = HostAccumulatedStep(
-            opts, state_shardings=trainer.state_sh, metric_sharding=trainer.repl
-        )
+        step = trainer.train_fn
         grads, rewards, mixed = [], [], []
         for b in range(_BATCHES.value):
             ids = prompt_ids(len(trainer.prompts), cfg.seed + (0 if _SAME.value else b), 0, n)
@@ -82,9 +73,8 @@ def main(argv: list[str]) -> None:
                 bar_desc=f"rollout {b}",
             )
             total = trainer._total_reward(trainer.rewards, scores)
-            ids_dev = jax.device_put(jnp.asarray(ids, jnp.int32), trainer.repl)
-            adv, w, crt, _, _ = trainer.adv_fn(trainer.state.prior, ids_dev, total)
-            batch = PolicyBatch(latents, outs, cond, adv, w, crt)
+            # Priors stay at the starting state: every batch sees the same ones.
+            batch, _, _ = trainer.policy_batch(ids, latents, outs, cond, total)
             acc, _, _ = step.gradient_sum(
                 trainer.state, batch, trainer.frozen, trainer.ref_trainable, trainer.uncond
             )
@@ -95,7 +85,7 @@ def main(argv: list[str]) -> None:
             mixed.append(float((r.std(axis=1) > 0).mean()))
         trainer.ckpt.close()
         trainer.logger.close()
-    stats = gradient_signal(np.stack(grads) / opts.count)
+    stats = gradient_signal(np.stack(grads) / step.opts.count)
     print(
         json.dumps(
             {

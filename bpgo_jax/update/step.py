@@ -76,7 +76,7 @@ def step_options(
         num_micro=layout["micro_per_update"],
         num_shards=num_shards,
         num_train_steps=layout["trained_steps"],
-        window=tuple(layout["timestep_window"]),
+        window=layout["timestep_window"],
         clip_range=t.clip_range,
         crt_coef=config.advantage.crt_coef if config.advantage.method == "bpgo" else 0.0,
         kl_beta=t.kl_beta,
