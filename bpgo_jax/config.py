@@ -146,6 +146,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int
         )
     else:
         _check(config.sample.noise != "ode", "sample.noise='ode' has no log-probability to train")
+    patch = config.sample.get("noise_patch", 1)
+    _check(
+        isinstance(patch, int) and patch >= 1,
+        f"sample.noise_patch={patch!r} must be an integer >= 1",
+    )
+    window = tuple(config.sample.get("noise_patch_window", ()))
+    _check(
+        window == ()
+        or (len(window) == 2 and 0 <= window[0] < window[1] <= config.sample.num_steps),
+        f"sample.noise_patch_window={window!r} must be () or (start, stop) with "
+        f"0 <= start < stop <= sample.num_steps={config.sample.num_steps}",
+    )
     eval_noise = config.eval.get("noise", "")
     _check(
         eval_noise in ("", *FLOW_NOISE) and not (eval_noise and config.sample.kind != "flow"),

@@ -75,10 +75,17 @@ def _rollout(
     reward_set: RewardSet,
     num_chunks: int,
     num_shards: int,
+    init_group: int = 1,
 ):
-    """Samples one batch with log-probs, decodes it and scores the jittable rewards."""
+    """Samples one batch with log-probs, decodes it and scores the jittable rewards.
+
+    `init_group` > 1: consecutive blocks of that many samples (a GRPO group)
+    share their first sample's initial noise.
+    """
     key = jax.random.wrap_key_data(epoch_key)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(sample_idx)
+    first = sample_idx - sample_idx % init_group
+    init_keys = None if init_group == 1 else jax.vmap(lambda i: jax.random.fold_in(key, i))(first)
     cond = model.encode_text(frozen, tokens)
     uncond = model.encode_text(frozen, uncond_tokens)
     traj = samplers.sample(
@@ -91,6 +98,7 @@ def _rollout(
         keys,
         num_chunks=num_chunks,
         num_shards=num_shards,
+        init_keys=init_keys,
     )
     images = map_in_chunks(
         lambda z: model.decode(frozen, z), traj.latents[:, -1], num_chunks, num_shards
@@ -285,7 +293,10 @@ class Trainer:
             num_shards=self.shards,
             num_chunks=lay["rollout_chunks"],
         )
-        self.rollout_fn = jax.jit(functools.partial(rollout, reward_set=self.rewards))
+        shared = cfg.sample.group_size if cfg.sample.get("shared_initial_noise", False) else 1
+        self.rollout_fn = jax.jit(
+            functools.partial(rollout, reward_set=self.rewards, init_group=shared)
+        )
         if self.eval_rewards is not None:
             self.eval_fn = jax.jit(
                 functools.partial(rollout, reward_set=self.eval_rewards, sampler=self.eval_sampler)

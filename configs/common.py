@@ -43,6 +43,14 @@ def base_config() -> ml_collections.ConfigDict:
         noise="flow_grpo",
         noise_level=0.7,
         shift=1.0,  # flow SDE
+        # > 1: step noise constant over noise_patch x noise_patch latent patches
+        # (fewer random dimensions per step: lower-variance policy gradients) on
+        # the steps noise_patch_window=(start, stop) (() = all steps).
+        noise_patch=1,
+        noise_patch_window=(),
+        # The G samples of a group start from one initial noise (DanceGRPO):
+        # rewards then differ by the sampler's step noise only.
+        shared_initial_noise=False,
         group_size=8,
         prompts_per_epoch=8,
         batch_size=32,

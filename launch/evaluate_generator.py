@@ -13,7 +13,9 @@ With --group_size=1 (default) this is launch/pretrain.py's evaluation (one
 sample per held-out prompt, keys from `eval.seed`, the config's 10-step SDE
 sampler), so numbers match generator.json and docs/world.md. Any
 `--config.sample.*` field (guidance, steps, noise) can be changed. Accuracy is also given per
-caption kind. With --group_size=G > 1 each prompt gets G samples, as in a
+caption kind, and `failure_causes` gives the share of samples failing because of
+each single constraint (`world.evaluate.failure_cause`: colour, shape, ... or
+"several"). With --group_size=G > 1 each prompt gets G samples, as in a
 GRPO group: `coverage` gives the shares of prompts never / always / at most
 once right (`world.evaluate.group_coverage`), and the reward model's
 agreement with the oracle on them is reported too (`group_agreement`).
@@ -55,7 +57,7 @@ def main(argv: list[str]) -> None:
     from bpgo_jax.models.tiny import tiny_model
     from bpgo_jax.prompts import load_prompts
     from bpgo_jax.world import reward_model
-    from bpgo_jax.world.evaluate import group_agreement, group_coverage
+    from bpgo_jax.world.evaluate import failure_causes, group_agreement, group_coverage
 
     cfg = _CONFIG.value
     if not Path(_WEIGHTS.value).is_file():
@@ -103,6 +105,9 @@ def main(argv: list[str]) -> None:
     kinds = np.array([m.get("kind", "") for m in prompt_set.metadata[:n] for _ in range(g)])
     result["accuracy_by_kind"] = {
         kind: round(float(ok[kinds == kind].mean()), 4) for kind in sorted(set(kinds))
+    }
+    result["failure_causes"] = {
+        k: round(v, 4) for k, v in failure_causes(images, constraints).items()
     }
     if g > 1:
         result["coverage"] = {k: round(v, 4) for k, v in group_coverage(ok.reshape(n, g)).items()}

@@ -8,7 +8,8 @@
   host loop of jitted per-item gradients (CPU default) give the same run;
 - an interrupted (SIGTERM) and resumed run reproduces the uninterrupted one;
 - non-finite rewards skip updates and abort after too many, keeping the
-  last checkpoint.
+  last checkpoint;
+- patch noise and group-shared initial noise keep the update on-policy.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 from tiny_config import tiny_config
 
 from bpgo_jax.rewards.base import Reward, register
+from bpgo_jax.rollout import samplers
 from bpgo_jax.train import Trainer
 
 TIMING_KEYS = {"rollout_seconds", "train_seconds", "images_per_second"}
@@ -222,6 +224,43 @@ def test_eval_noise_ode_evaluates_with_the_deterministic_sampler(tmp_path):
         trainer.ckpt.close()
         trainer.logger.close()
     assert evals["ode"] != evals[""]
+
+
+def test_patch_noise_and_shared_initial_noise_stay_on_policy(tmp_path):
+    """Patch noise on the first step only and one initial noise per group: every
+    group's samples start alike, step 0's noise is constant over 2x2 patches, later
+    steps' is not, and the update's recomputed ratios are still exactly 1."""
+    config = _config(
+        tmp_path,
+        **{
+            "sample.noise_patch": 2,
+            "sample.noise_patch_window": (0, 1),
+            "sample.shared_initial_noise": True,
+            "train.num_epochs": 1,
+        },
+    )
+    trainer = Trainer(config, tmp_path / "run")
+    ids = np.arange(4)
+    latents, outs, *_ = trainer.generate(
+        ids,
+        trainer.prompts,
+        per_prompt=4,
+        trainable=trainer.state.trainable,
+        epoch_key=trainer._epoch_key(0, 0),
+        bar_desc="rollout",
+    )
+    x0 = np.asarray(latents[:, 0]).reshape(4, 4, -1)
+    assert np.all(x0 == x0[:, :1]) and len({row.tobytes() for row in x0[:, 0]}) == 4
+    for k, patched in ((0, True), (1, False)):
+        steps = jax.numpy.full((16,), k)
+        mean, std = samplers.transition(trainer.sampler, steps, latents[:, k], outs[:, k])
+        eps = np.asarray((latents[:, k + 1] - mean) / std)
+        blocks = eps.reshape(16, 4, 2, 4, 2, 3)
+        assert np.allclose(blocks, blocks[:, :, :1, :, :1], atol=1e-4) == patched
+    (record,) = trainer.train()
+    assert record["onpolicy_ratio_max_dev"] == 0.0 and record["grad_norm"] > 0
+    trainer.ckpt.close()
+    trainer.logger.close()
 
 
 def test_non_finite_rewards_skip_then_abort(tmp_path):

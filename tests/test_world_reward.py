@@ -16,6 +16,8 @@ from bpgo_jax.rewards import base
 from bpgo_jax.world import reward_model as rm
 from bpgo_jax.world.data import sample_pairs
 from bpgo_jax.world.evaluate import (
+    failure_cause,
+    failure_causes,
     group_agreement,
     group_coverage,
     reward_agreement,
@@ -189,3 +191,39 @@ def test_group_coverage_counts_prompts_by_right_samples():
     }
     with pytest.raises(ValueError, match="G >= 2"):
         group_coverage(correct[:, :1])
+
+
+def test_failure_cause_names_the_one_constraint_that_fails():
+    red_square = {"color": "red", "shape": "square", "center": (16.0, 16.0)}
+    blue_circle = {"color": "blue", "shape": "circle", "center": (26.0, 16.0)}
+    both = [red_square, blue_circle]
+    assert failure_cause(both, {"objects": [{"color": "red", "shape": "square"}]}) is None
+    assert (
+        failure_cause([red_square], {"objects": [{"color": "red", "shape": "circle"}]}) == "shape"
+    )
+    # Either change would do: both are named.
+    assert failure_cause(both, {"objects": [{"color": "red", "shape": "circle"}]}) == "color+shape"
+    assert failure_cause([red_square], {"objects": [{"color": "green", "shape": "cross"}]}) == (
+        "several"
+    )
+    assert failure_cause(both, {"objects": [{"color": "red"}], "count": 1}) == "count"
+    left_of = {
+        "objects": [{"color": "red", "shape": "square"}, {"color": "blue", "shape": "circle"}],
+        "relation": "left of",
+    }
+    assert failure_cause(both, left_of) is None
+    assert failure_cause(both, {**left_of, "relation": "right of"}) == "relation"
+    assert failure_cause([red_square], left_of) == "several"  # the blue object is missing
+
+
+def test_failure_causes_reads_rendered_samples():
+    scenes = [
+        Scene((WorldObject("red", "square", "large", "center"),)),
+        Scene((WorldObject("blue", "circle", "large", "left"),)),
+    ]
+    images = render_float(scenes)
+    captions = [
+        {"objects": [{"color": "red", "shape": "square"}]},  # right
+        {"objects": [{"color": "blue", "shape": "triangle"}]},  # wrong shape
+    ]
+    assert failure_causes(images, captions) == {"shape": 0.5}

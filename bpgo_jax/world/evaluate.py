@@ -118,6 +118,42 @@ def group_coverage(correct: np.ndarray) -> dict[str, float]:
     }
 
 
+def failure_cause(objects: Sequence[dict[str, Any]], constraints: dict[str, Any]) -> str | None:
+    """Why a sample's caption fails: the one constraint whose removal makes it hold.
+
+    None when the caption holds; the names of every such constraint joined by
+    "+" when several would each suffice; "several" when no single one does
+    (e.g. an object missing altogether). Constraint names: an object attribute
+    (color, shape, size, position), "relation" or "count".
+    """
+    if C.holds(objects, constraints):
+        return None
+    causes = []
+    for attr in C.ATTRIBUTES:
+        relaxed = [{k: v for k, v in s.items() if k != attr} for s in constraints["objects"]]
+        if relaxed != list(constraints["objects"]) and C.holds(
+            objects, {**constraints, "objects": relaxed}
+        ):
+            causes.append(attr)
+    for key in ("relation", "count"):
+        if constraints.get(key) is not None and C.holds(objects, {**constraints, key: None}):
+            causes.append(key)
+    return "+".join(causes) or "several"
+
+
+def failure_causes(
+    images: np.ndarray, constraints_list: Sequence[dict[str, Any]], cfg: OracleConfig | None = None
+) -> dict[str, float]:
+    """Shares of all samples failing for each `failure_cause`, largest first."""
+    counts = collections.Counter(
+        failure_cause(parse(image, cfg or OracleConfig()), c)
+        for image, c in zip(images, constraints_list, strict=True)
+    )
+    counts.pop(None, None)
+    n = max(len(constraints_list), 1)
+    return {cause: k / n for cause, k in counts.most_common()}
+
+
 def reward_eval_set(rng: np.random.Generator, n: int, split: str = "heldout") -> dict[str, Any]:
     """Renders of n scenes, each with 3 captions and ground-truth labels.
 
