@@ -90,7 +90,10 @@ def main(argv: list[str]) -> None:
     rng = jax.random.key(cfg.seed)
     start_params = None
     if cfg.model.init != "random":  # continue from earlier weights (a checkpoint)
-        start_params = load_params(cfg.model.init, model.init(rng))
+        try:
+            start_params = load_params(cfg.model.init, model.init(rng))
+        except ValueError as err:
+            sys.exit(f"error: config.model.init: {err}")
     state = pretrain.init_state(model, optimizer, rng, start_params)
     step_fn = pretrain.make_train_step(
         model, optimizer, tc.ema_decay, tc.time_sampling, tc.time_shift, cfg.distill.guidance_scale
@@ -99,7 +102,10 @@ def main(argv: list[str]) -> None:
     if cfg.distill.teacher:  # guidance distillation: the teacher's guided velocity is the target
         if not Path(cfg.distill.teacher).is_file():
             sys.exit(f"error: config.distill.teacher={cfg.distill.teacher!r} is not a file")
-        t_trainable, t_frozen = load_params(cfg.distill.teacher, model.init(rng))
+        try:
+            t_trainable, t_frozen = load_params(cfg.distill.teacher, model.init(rng))
+        except ValueError as err:
+            sys.exit(f"error: config.distill.teacher: {err}")
         distill = {
             "teacher": {"trainable": t_trainable, "frozen": t_frozen},
             "empty_tokens": model.tokenize([""]),

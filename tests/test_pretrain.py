@@ -300,3 +300,21 @@ def test_evaluate_generator_command(tmp_path):
         [*base, f"--weights={tmp_path / 'none.msgpack'}"], capture_output=True, text=True
     )
     assert bad.returncode != 0 and "is not a file" in bad.stderr
+
+
+def test_weight_errors_name_the_field_that_gave_the_path(tmp_path):
+    """load_params serves several fields; only build_model knows it read model.init."""
+    from bpgo_jax.models import load_params, save_params
+
+    cfg = tiny_cfg()
+    cfg.init = str(tmp_path / "missing.msgpack")
+    with pytest.raises(ValueError, match=r"^config\.model\.init: weights file .* does not exist"):
+        build_model(cfg, jax.random.key(0))
+    model = tiny_model(cfg)
+    trainable, frozen = model.init(jax.random.key(0))
+    path = tmp_path / "w.msgpack"
+    save_params(path, trainable, frozen)
+    bigger = tiny_cfg()
+    bigger.channels = (8, 32)
+    with pytest.raises(ValueError, match=r"^\S*w\.msgpack: tensor .* has shape"):
+        load_params(path, tiny_model(bigger).init(jax.random.key(0)))

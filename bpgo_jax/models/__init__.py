@@ -35,7 +35,10 @@ def build_model(
         model = tiny_model(cfg)
         trainable, frozen = model.init(rng)
         if cfg.init != "random":
-            trainable, frozen = load_params(cfg.init, (trainable, frozen))
+            try:
+                trainable, frozen = load_params(cfg.init, (trainable, frozen))
+            except ValueError as err:
+                raise ValueError(f"config.model.init: {err}") from None
         return model, *with_lora(cfg, trainable, frozen, jax.random.fold_in(rng, 1))
     if cfg.name == "sd":
         from bpgo_jax.models.sd.pipeline import sd_from_config
@@ -54,7 +57,7 @@ def load_params(path: str | Path, like: tuple[Params, Params]) -> tuple[Params, 
     """Reads `save_params` output into the structure of `like`, checking shapes."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config.model.init: weights file {path} does not exist")
+        raise ValueError(f"weights file {path} does not exist")
     target = {"trainable": like[0], "frozen": like[1]}
     raw = serialization.msgpack_restore(path.read_bytes())
     expected = jax.tree_util.tree_flatten_with_path(target)[0]
