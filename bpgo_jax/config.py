@@ -24,6 +24,11 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _is_window(window: tuple, num_steps: int) -> bool:
+    """(start, stop) with 0 <= start < stop <= num_steps: a range of sampler steps."""
+    return len(window) == 2 and 0 <= window[0] < window[1] <= num_steps
+
+
 def batch_layout(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int = 1) -> dict:
     """Derived sizes of one epoch; raises ConfigError when they do not fit together."""
     g = config.sample.group_size
@@ -65,7 +70,7 @@ def batch_layout(config: ml_collections.ConfigDict, num_devices: int, num_hosts:
     steps = config.sample.num_steps
     window = tuple(config.train.get("timestep_window", ()) or (0, steps))
     _check(
-        len(window) == 2 and 0 <= window[0] < window[1] <= steps,
+        _is_window(window, steps),
         f"train.timestep_window={window} must be (start, stop) with "
         f"0 <= start < stop <= sample.num_steps={steps}",
     )
@@ -153,8 +158,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int
     )
     window = tuple(config.sample.get("noise_patch_window", ()))
     _check(
-        window == ()
-        or (len(window) == 2 and 0 <= window[0] < window[1] <= config.sample.num_steps),
+        window == () or _is_window(window, config.sample.num_steps),
         f"sample.noise_patch_window={window!r} must be () or (start, stop) with "
         f"0 <= start < stop <= sample.num_steps={config.sample.num_steps}",
     )

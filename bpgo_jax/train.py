@@ -83,9 +83,9 @@ def _rollout(
     share their first sample's initial noise.
     """
     key = jax.random.wrap_key_data(epoch_key)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(sample_idx)
-    first = sample_idx - sample_idx % init_group
-    init_keys = None if init_group == 1 else jax.vmap(lambda i: jax.random.fold_in(key, i))(first)
+    sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))
+    keys = sample_keys(sample_idx)
+    init_keys = None if init_group == 1 else sample_keys(sample_idx - sample_idx % init_group)
     cond = model.encode_text(frozen, tokens)
     uncond = model.encode_text(frozen, uncond_tokens)
     traj = samplers.sample(

@@ -177,8 +177,9 @@ def log_ratio(sampler: Sampler, k, x, x_next, out, old_out):
 
 
 def per_step_noise(sampler: Sampler, k, fn):
-    """`fn(patch)` [B] with each sample's step-k noise form: `fn(1)` at full
-    resolution, `fn(noise_patch)` on the steps drawn with patch noise."""
+    """`fn(patch)` (leading axis B) with the step-k noise form: `fn(1)` at full
+    resolution, `fn(noise_patch)` on the steps drawn with patch noise (`k`: one
+    step, or one per sample)."""
     full = fn(1)
     if sampler.noise_patch == 1:
         return full
@@ -251,10 +252,7 @@ def sample(
         t = jnp.full((batch,), jnp.asarray(sampler.tables["model_t"])[k])
         out = map_in_chunks(predict_chunk, (x, t, cond), num_chunks, num_shards)
         mean, std = transition(sampler, jnp.full((batch,), k), x, out)
-        eps = step_noise(keys, k, shape)
-        if sampler.noise_patch > 1:
-            coarse = step_noise(keys, k, shape, sampler.noise_patch)
-            eps = jnp.where(patch_steps(sampler, k), coarse, eps)
+        eps = per_step_noise(sampler, k, lambda patch: step_noise(keys, k, shape, patch))
         x_next = mean + std * eps
         logp = per_step_noise(sampler, k, lambda patch: gaussian_logprob(x_next, mean, std, patch))
         return x_next, (x_next, logp, out)
