@@ -12,13 +12,16 @@ checkpoints evaluated during training, the last whose accuracy is at most
 `eval.max_accuracy` is shipped (RL needs headroom); training stops early at
 `eval.stop_accuracy`.
 
-The shipped bpgo_jax/world/assets/generator.msgpack came from five chained
-runs (batch 32; ~140 min on two shared CPU cores in all). Three flow-matching
-runs (5,100 steps, each continuing the previous one's last checkpoint with a
-fresh optimizer) reach held-out oracle accuracy 0.145 (256 prompts) unguided
-and 0.273 with classifier-free guidance 3; two guidance-distillation runs
+Two generators ship, from one chain of five runs (batch 32; ~140 min on two
+shared CPU cores in all). Three flow-matching runs (5,100 steps, each
+continuing the previous one's last checkpoint with a fresh optimizer) reach
+held-out oracle accuracy 0.145 (256 prompts) unguided and 0.273 with
+classifier-free guidance 3: that is bpgo_jax/world/assets/generator.msgpack,
+the base configs/image.py post-trains. Two guidance-distillation runs
 (`distill.teacher`: the previous run's weights, guidance 3) then bring the
-unguided model to 0.250 and 0.277. generator.json records every command:
+unguided model to 0.250 and 0.277: generator_distilled.msgpack (export W5
+and rename), which RL does not move (README "Status"). generator.json and
+generator_distilled.json record the commands:
 
     python launch/pretrain.py --config=configs/pretrain.py --workdir=W1 \
         --config.train.steps=1800 --config.eval.every=300
@@ -28,7 +31,7 @@ unguided model to 0.250 and 0.277. generator.json records every command:
     python launch/pretrain.py --config=configs/pretrain.py --workdir=W3 \
         --config.model.init=W2/checkpoints/step_2400.msgpack --config.seed=2 \
         --config.train.steps=900 --config.train.warmup_steps=50 --config.train.time_shift=3.0 \
-        --config.eval.every=300
+        --config.eval.every=300 --config.export_dir=bpgo_jax/world/assets
     python launch/pretrain.py --config=configs/pretrain.py --workdir=W4 \
         --config.model.init=W3/generator.msgpack --config.distill.teacher=W3/generator.msgpack \
         --config.seed=3 --config.train.steps=900 --config.train.warmup_steps=50 \
@@ -37,7 +40,7 @@ unguided model to 0.250 and 0.277. generator.json records every command:
         --config.model.init=W4/checkpoints/step_900.msgpack \
         --config.distill.teacher=W4/checkpoints/step_900.msgpack --config.seed=4 \
         --config.train.steps=600 --config.train.warmup_steps=50 --config.train.lr=5e-4 \
-        --config.eval.every=300 --config.export_dir=bpgo_jax/world/assets
+        --config.eval.every=300 --config.export_dir=W5/export
 """
 
 from pathlib import Path

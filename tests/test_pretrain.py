@@ -225,22 +225,32 @@ def test_evaluate_oracle_does_not_depend_on_batch_size():
         pretrain.evaluate_oracle(model, trainable, frozen, sample_cfg, prompts, cons[:2])
 
 
-def test_shipped_generator_loads_and_matches_documented_accuracy():
-    info = json.loads((ASSETS / "generator.json").read_text())
-    weights = ASSETS / "generator.msgpack"
+@pytest.mark.parametrize(
+    "name, low",
+    [
+        # The RL base (configs/image.py): flow matching only, 0.145 on 256 prompts.
+        ("generator", 0.1),
+        # Guidance-distilled from it: 0.277, but RL does not move it (README "Status").
+        ("generator_distilled", 0.2),
+    ],
+)
+def test_shipped_generator_loads_and_matches_documented_accuracy(name, low):
+    info = json.loads((ASSETS / f"{name}.json").read_text())
+    weights = ASSETS / f"{name}.msgpack"
     assert weights.stat().st_size <= 20 * 2**20
     cfg = image_config()
-    assert Path(cfg.model.init) == weights
+    if name == "generator":
+        assert Path(cfg.model.init) == weights
+    cfg.model.init = str(weights)
     # init (where) and lora (how RL trains them) are not properties of the weights.
     skip = ("init", "lora")
     shipped = {k: v for k, v in info["model"].items() if k not in skip}
     here = json.loads(json.dumps({k: v for k, v in cfg.model.to_dict().items() if k not in skip}))
-    assert shipped == here, "generator.json's model block must be configs/image.py's"
+    assert shipped == here, f"{name}.json's model block must be configs/image.py's"
     documented = info["heldout_oracle_accuracy"]
-    # Headroom for RL: a working generator (random init scores ~0.01) that still
-    # fails most held-out prompts. The aim is 0.3-0.7; the shipped guidance-
-    # distilled model records 0.28 on 256 prompts (generator.json).
-    assert 0.2 <= documented <= 0.7, documented
+    # Headroom for RL: a working generator (random init scores ~0.01) that
+    # still fails most held-out prompts.
+    assert low <= documented <= 0.7, documented
 
     model, trainable, frozen = build_model(cfg.model, jax.random.key(123))
     heldout = load_prompts(ASSETS / info["heldout_prompts"])
