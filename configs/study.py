@@ -6,10 +6,10 @@ Every method runs with the same base config (configs/image.py) and the same
 sample budget; only the advantage settings differ. No method got its own
 hyper-parameter search: all share configs/image.py's training settings and
 the paper's public BPGO defaults (alpha = 0.5, k = 1, lambda = 1, s = 0.5).
-The default budget (10 epochs x 64 samples per run, 12 runs) took 36 min on
-2 CPU cores with one evaluation set; each run now also evaluates the
-out-of-distribution held-out set. `--config.train.num_epochs=30` gives
-every run the default training budget. Results: docs/study/ and the README.
+The default budget (10 epochs x 64 samples per run, 12 runs, both
+evaluation sets) took 66 min on the 2-core machine of README "Status".
+`--config.train.num_epochs=30` gives every run the default training budget.
+Results: docs/study/ and the README.
 """
 
 from configs import image
