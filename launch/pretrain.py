@@ -88,24 +88,24 @@ def main(argv: list[str]) -> None:
     tc = cfg.train
     optimizer = pretrain.make_optimizer(tc)
     rng = jax.random.key(cfg.seed)
+    like = model.init(rng)  # the parameter structure any loaded weights must have
+
+    def load(field: str, path: str):
+        try:
+            return load_params(path, like)
+        except ValueError as err:
+            sys.exit(f"error: config.{field}: {err}")
+
     start_params = None
     if cfg.model.init != "random":  # continue from earlier weights (a checkpoint)
-        try:
-            start_params = load_params(cfg.model.init, model.init(rng))
-        except ValueError as err:
-            sys.exit(f"error: config.model.init: {err}")
-    state = pretrain.init_state(model, optimizer, rng, start_params)
+        start_params = load("model.init", cfg.model.init)
+    state = pretrain.init_state(model, optimizer, rng, start_params or like)
     step_fn = pretrain.make_train_step(
         model, optimizer, tc.ema_decay, tc.time_sampling, tc.time_shift, cfg.distill.guidance_scale
     )
     distill = {}
     if cfg.distill.teacher:  # guidance distillation: the teacher's guided velocity is the target
-        if not Path(cfg.distill.teacher).is_file():
-            sys.exit(f"error: config.distill.teacher={cfg.distill.teacher!r} is not a file")
-        try:
-            t_trainable, t_frozen = load_params(cfg.distill.teacher, model.init(rng))
-        except ValueError as err:
-            sys.exit(f"error: config.distill.teacher: {err}")
+        t_trainable, t_frozen = load("distill.teacher", cfg.distill.teacher)
         distill = {
             "teacher": {"trainable": t_trainable, "frozen": t_frozen},
             "empty_tokens": model.tokenize([""]),
