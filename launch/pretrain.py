@@ -53,7 +53,7 @@ def run_lineage(init: str) -> list[dict]:
     if init == "random":
         return []
     path = Path(init)
-    run_file = path.parents[1] / "run.json"
+    run_file = path.resolve().parent.parent / "run.json"  # (parents[1] fails near the root)
     shipped = path.with_suffix(".json")  # an exported generator records its own lineage
     if not run_file.is_file() and shipped.is_file():
         info = json.loads(shipped.read_text())

@@ -328,3 +328,25 @@ def test_weight_errors_name_the_field_that_gave_the_path(tmp_path):
     bigger.channels = (8, 32)
     with pytest.raises(ValueError, match=r"^\S*w\.msgpack: tensor .* has shape"):
         load_params(path, tiny_model(bigger).init(jax.random.key(0)))
+
+
+def test_pretrain_command_missing_init_exits_with_one_line(tmp_path):
+    """A bare file name as model.init (no grandparent run.json to look up): one error line."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(root / "launch" / "pretrain.py"),
+            f"--config={root / 'configs' / 'pretrain.py'}",
+            f"--workdir={tmp_path / 'w'}",
+            "--config.model.init=missing.msgpack",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode != 0, run.stderr
+    assert last == "error: config.model.init: weights file missing.msgpack does not exist", last
