@@ -276,6 +276,7 @@ class Trainer:
         self.epoch, self.position, self.samples_seen = 0, 0, 0
         self.skipped, self.consecutive_skips = 0, 0
         self.logger = RunLogger(self.workdir, tensorboard=config.log.tensorboard)
+        self.progress = self.logger.enabled and config.log.get("progress", True)
         self.ckpt = Checkpointer(
             self.workdir / "checkpoints",
             keep=config.checkpoint.keep,
@@ -402,7 +403,7 @@ class Trainer:
         per_call = self.config.sample.batch_size // pc
         outputs, host_scores, local_images = [], [], []
         starts = range(0, len(local_prompts), per_call)
-        for start in tqdm(starts, desc=bar_desc, leave=False, disable=not self.logger.enabled):
+        for start in tqdm(starts, desc=bar_desc, leave=False, disable=not self.progress):
             prompts = local_prompts[start : start + per_call]
             meta = local_meta[start : start + per_call]
             tokens = self._global(self.model.tokenize(prompts))
@@ -623,7 +624,7 @@ class Trainer:
                 desc="epochs",
                 initial=self.epoch,
                 total=cfg.train.num_epochs,
-                disable=not self.logger.enabled,
+                disable=not self.progress,
             )
             if self.eval_rewards is not None and self.epoch == 0:
                 # The starting policy's scores: the point every curve starts from.

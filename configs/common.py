@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
         gather_params=True,
     )
     c.checkpoint = dict(every=1, keep=3, use_async=True)
-    c.log = dict(tensorboard=True, image_every=5, num_images=8)
+    # progress: tqdm bars for epochs, rollouts and evaluations (process 0 only).
+    c.log = dict(tensorboard=True, image_every=5, num_images=8, progress=True)
     c.distributed = dict(initialize=False, coordinator_address="", num_processes=0, process_id=-1)
     return c

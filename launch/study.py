@@ -32,9 +32,13 @@ def main(argv):
     del argv
     runtime.quiet_absl()
     runtime.enable_compile_cache(_CACHE.value)
+    from bpgo_jax.config import ConfigError
     from bpgo_jax.study import run_study
 
-    run_study(_CONFIG.value, Path(_OUTDIR.value))
+    try:
+        run_study(_CONFIG.value, Path(_OUTDIR.value), _CACHE.value)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

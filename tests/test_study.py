@@ -1,12 +1,20 @@
-"""The study's aggregation: curves over seeds, samples-to-threshold, table, plot."""
+"""The study: aggregation, table and plot; parallel runs; bad configs."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import ml_collections
 import numpy as np
+import pytest
 from tiny_config import tiny_config
 
 from bpgo_jax import study
+from bpgo_jax.config import ConfigError
+from bpgo_jax.train import Trainer
 
 
 def _runs(offsets):
@@ -70,3 +78,65 @@ def test_run_config_only_changes_method_and_seed(tmp_path):
     cfg = study.run_config(base, {"method": "bpgo", "alpha": 0.0}, seed=7)
     assert cfg.seed == 7 and cfg.advantage.alpha == 0.0 and "study" not in cfg
     assert cfg.train == base.train and base.advantage.alpha == 0.5
+
+
+def test_parallel_workers_reproduce_an_in_process_run(tmp_path):
+    """Runs trained in spawned worker processes log what the same run logs in-process."""
+    base = tiny_config(
+        tmp_path,
+        **{
+            "eval.rewards": {"saturation": {"weight": 1.0, "log_as": "sat"}},
+            "eval.prompts_path": str(tmp_path / "prompts.txt"),
+            "eval.num_prompts": 4,
+            "eval.every": 1,
+        },
+    )
+    base.study = {
+        "seeds": (0,),
+        "methods": {"grpo": {"method": "grpo"}, "bpgo": {"method": "bpgo"}},
+        "threshold_metric": "sat",
+        "threshold": 0.0,
+        "workers": 2,
+    }
+    summary = study.run_study(base, tmp_path / "study")
+    assert (tmp_path / "study" / "study.png").is_file()
+    ref_dir = tmp_path / "in_process"
+    Trainer(study.run_config(base, {"method": "grpo"}, 0), ref_dir).train()
+    ref = [[json.loads(x) for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]]
+    for key, metric in (("reward", "reward_mean"), ("sat", "sat")):
+        assert summary["grpo"][key] == study.curves(ref, metric)
+    assert summary["grpo"]["sat"]["samples"] == [0, 16, 32]
+    # the two methods are different runs, not one run reported twice
+    assert summary["bpgo"]["reward"] != summary["grpo"]["reward"]
+
+
+def test_bad_method_fails_before_any_run(tmp_path):
+    base = tiny_config(tmp_path)
+    base.study = {
+        "seeds": (0,),
+        "methods": {"grpo": {"method": "grpo"}, "typo": {"method": "bgpo"}},
+        "threshold_metric": "sat",
+        "threshold": 0.0,
+        "workers": 2,
+    }
+    with pytest.raises(ConfigError, match="advantage.method='bgpo'"):
+        study.run_study(base, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # the valid method did not start either
+
+
+def test_study_command_reports_a_bad_config_in_one_line(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(root / "launch" / "study.py"),
+            f"--config={root / 'configs' / 'study.py'}",
+            f"--outdir={tmp_path / 'out'}",
+            "--config.study.methods.grpo.method=gpro",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: advantage.method='gpro' is not one of"), last
