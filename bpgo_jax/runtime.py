@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sys
 from pathlib import Path
 
 DEFAULT_COMPILE_CACHE = str(Path.home() / ".cache" / "bpgo_jax" / "xla")
@@ -25,3 +28,22 @@ def enable_compile_cache(path: str) -> None:
 
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
+def set_cpu_devices(n: int) -> None:
+    """Splits the host CPU into `n` XLA devices; 0 leaves XLA_FLAGS as they are.
+
+    XLA:CPU runs one of our programs on little more than one core, so a run
+    on one CPU device leaves the other cores idle. With `n` devices the mesh
+    shards every batch over `n` programs that run at once (README "Speed":
+    ~1.6x per epoch with 2 on two cores). GPU/TPU runs are unaffected: their
+    devices are the accelerators. Must run before jax is imported.
+    """
+    if n <= 0:
+        return
+    if "jax" in sys.modules:
+        raise RuntimeError("set_cpu_devices must run before jax is imported")
+    flags = re.sub(
+        r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", "")
+    )
+    os.environ["XLA_FLAGS"] = f"{flags.strip()} --xla_force_host_platform_device_count={n}".strip()

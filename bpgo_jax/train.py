@@ -194,6 +194,12 @@ class Trainer:
         devices = jax.devices()[: config.mesh.num_devices or None]
         self.mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes, devices)
         self.shards = mesh_lib.num_batch_shards(self.mesh)
+        log.info(
+            "mesh %s over %d %s device(s)",
+            dict(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True)),
+            self.mesh.devices.size,
+            devices[0].platform,
+        )
         self.layout = validate(config, self.shards, jax.process_count())
         self.batch_sh = mesh_lib.batch_sharding(self.mesh)
         self.accumulate = config.train.accumulate

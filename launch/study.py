@@ -25,11 +25,18 @@ _CACHE = flags.DEFINE_string(
     runtime.DEFAULT_COMPILE_CACHE,
     "Persistent XLA compilation cache ('' disables); runs after the first reuse its programs.",
 )
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "XLA devices per run on the host CPU (0 = as XLA_FLAGS say, one by default); "
+    "study.workers x cpu_devices should not exceed the cores.",
+)
 flags.mark_flags_as_required(["config", "outdir"])
 
 
 def main(argv):
     del argv
+    runtime.set_cpu_devices(_CPU_DEVICES.value)  # spawned workers inherit it
     runtime.quiet_absl()
     runtime.enable_compile_cache(_CACHE.value)
     from bpgo_jax.config import ConfigError

@@ -4,7 +4,8 @@
     python launch/train.py --config=configs/image.py --workdir=runs/x \
         --config.advantage.method=grpo --config.train.num_epochs=40
 
-Re-running with the same --workdir resumes from its latest checkpoint.
+Re-running with the same --workdir resumes from its latest checkpoint. On a
+multi-core CPU add --cpu_devices=N (N cores) to use them all.
 """
 
 import logging
@@ -25,11 +26,19 @@ _CACHE = flags.DEFINE_string(
     runtime.DEFAULT_COMPILE_CACHE,
     "Persistent XLA compilation cache ('' disables); a resumed or repeated run skips compiling.",
 )
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "Split the host CPU into N XLA devices that share each batch (CPU runs; 0 = as XLA_FLAGS "
+    "say, one by default). 2 on a two-core machine is ~1.6x faster; N must divide "
+    "sample.batch_size and train.micro_batch_size.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
+    runtime.set_cpu_devices(_CPU_DEVICES.value)
     runtime.quiet_absl()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     runtime.enable_compile_cache(_CACHE.value)

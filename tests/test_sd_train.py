@@ -2,8 +2,8 @@
 
 The e2e test writes tiny random diffusers / transformers folders with the
 libraries' own `save_pretrained` (the layout real checkpoints have), then runs
-`launch/train.py --config=configs/sd_tiny_test.py` as a subprocess on two
-fake CPU devices with the UNet kernels sharded over an fsdp axis: load ->
+`launch/train.py --config=configs/sd_tiny_test.py --cpu_devices=2` as a
+subprocess on two CPU devices with the UNet kernels sharded over an fsdp axis: load ->
 DDIM rollout with CFG -> CLIP score -> BPGO update of LoRA factors ->
 checkpoint -> resume.
 """
@@ -73,11 +73,11 @@ def _launch(folders: dict, workdir: Path, *overrides: str) -> subprocess.Complet
         f"--config.rewards.clip_score.path={folders['clip']}",
         # The resumed run reuses the first run's executables instead of recompiling.
         f"--compile_cache={os.environ.get('JAX_COMPILATION_CACHE_DIR') or folders['cache']}",
+        "--cpu_devices=2",  # replaces the 8 devices XLA_FLAGS ask for in this process
         *overrides,
     ]
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
         JAX_PLATFORMS="cpu",
         # LoRA factors are merged in set order, so without a pinned hash seed the
         # traced program (and its compile-cache key) changes from process to process.
@@ -95,7 +95,8 @@ def _records(workdir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_lora_run_trains_checkpoints_and_resumes(folders, tmp_path):
     workdir = tmp_path / "run"
-    _launch(folders, workdir)
+    proc = _launch(folders, workdir)
+    assert "mesh {'data': 1, 'fsdp': 2} over 2 cpu device(s)" in proc.stderr
     first = _records(workdir)
     assert [r["epoch"] for r in first] == [0, 1]
     for r in first:
