@@ -148,7 +148,7 @@ def run_study(config: ml_collections.ConfigDict, outdir: Path, compile_cache: st
     `study.workers` > 1 trains that many runs at once, each in its own spawned
     process (JAX state is per process; a fork would copy a live runtime). On
     CPU one run's programs keep about one core busy, so two workers on two
-    cores finish a study about 1.6x sooner (README "Status"); on a single
+    cores finish a study about 1.6x sooner (README "Speed"); on a single
     accelerator keep 1. Results do not depend on the worker count.
     """
     study = config.study
