@@ -127,13 +127,6 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _without_bars(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Workers' bars would interleave on one terminal; the study shows one over runs."""
-    config = copy.deepcopy(config)
-    config.log.progress = False
-    return config
-
-
 def _worker_init(compile_cache: str) -> None:
     """Set-up of a study worker process: quiet logs, the shared compile cache."""
     from bpgo_jax import runtime
@@ -170,6 +163,8 @@ def run_study(config: ml_collections.ConfigDict, outdir: Path, compile_cache: st
 
         from tqdm import tqdm
 
+        for _, _, run, _ in jobs:  # workers' bars would interleave; one bar over runs instead
+            run.log.progress = False
         with concurrent.futures.ProcessPoolExecutor(
             workers,
             mp_context=multiprocessing.get_context("spawn"),
@@ -177,8 +172,7 @@ def run_study(config: ml_collections.ConfigDict, outdir: Path, compile_cache: st
             initargs=(compile_cache,),
         ) as pool:
             futures = {
-                pool.submit(_train, _without_bars(run), workdir): (name, seed)
-                for name, seed, run, workdir in jobs
+                pool.submit(_train, run, workdir): (name, seed) for name, seed, run, workdir in jobs
             }
             done = concurrent.futures.as_completed(futures)
             try:

@@ -14,6 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from commands import ROOT, last_line, run_launch  # noqa: E402
+
 from bpgo_jax import pretrain  # noqa: E402
 from bpgo_jax.models import build_model  # noqa: E402
 from bpgo_jax.models.text import BOS_ID, PAD_ID  # noqa: E402
@@ -272,8 +274,6 @@ def test_shipped_generator_loads_and_matches_documented_accuracy(name, low):
 
 def test_evaluate_generator_command(tmp_path):
     """launch/evaluate_generator.py on small random weights: JSON out, clear errors."""
-    import subprocess
-
     from bpgo_jax.models import save_params
 
     cfg = tiny_cfg()
@@ -281,15 +281,13 @@ def test_evaluate_generator_command(tmp_path):
     trainable, frozen = tiny_model(cfg).init(jax.random.key(0))
     weights = tmp_path / "g.msgpack"
     save_params(weights, trainable, frozen)
-    root = Path(__file__).resolve().parents[1]
     sizes = ("resolution", "channels", "attn_levels", "heads", "vocab_size", "max_length")
     model_flags = [f"--config.model.{k}={cfg[k]}" for k in (*sizes, "text_width", "text_depth")]
-    base = [sys.executable, str(root / "launch" / "evaluate_generator.py")]
-    base += ["--config", str(root / "configs" / "pretrain.py"), *model_flags]
+    base = ["--config", str(ROOT / "configs" / "pretrain.py"), *model_flags]
     base += ["--config.sample.num_steps=2", "--num_prompts=3", "--group_size=2"]
-    out = subprocess.run([*base, f"--weights={weights}"], capture_output=True, text=True)
+    out = run_launch("evaluate_generator.py", *base, f"--weights={weights}")
     assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = json.loads(last_line(out.stdout))
     assert (got["num_prompts"], got["group_size"], got["num_steps"]) == (3, 2, 2)
     assert 0.0 <= got["oracle_accuracy"] <= 1.0
     assert set(got["reward_model"]) == {
@@ -301,14 +299,12 @@ def test_evaluate_generator_command(tmp_path):
     cov = got["coverage"]
     assert cov["never_right"] + cov["mixed"] + cov["always_right"] == pytest.approx(1.0, abs=1e-3)
     # Per-kind accuracies over the first three held-out prompts average to the overall one.
-    lines = (root / "bpgo_jax" / "world" / "assets" / "prompts_heldout.jsonl").read_text()
+    lines = (ASSETS / "prompts_heldout.jsonl").read_text()
     kinds = [json.loads(line)["metadata"]["kind"] for line in lines.splitlines()[:3]]
     assert set(got["accuracy_by_kind"]) == set(kinds)
     by_kind = np.mean([got["accuracy_by_kind"][k] for k in kinds])
     assert by_kind == pytest.approx(got["oracle_accuracy"], abs=1e-3)
-    bad = subprocess.run(
-        [*base, f"--weights={tmp_path / 'none.msgpack'}"], capture_output=True, text=True
-    )
+    bad = run_launch("evaluate_generator.py", *base, f"--weights={tmp_path / 'none.msgpack'}")
     assert bad.returncode != 0 and "is not a file" in bad.stderr
 
 
@@ -332,21 +328,13 @@ def test_weight_errors_name_the_field_that_gave_the_path(tmp_path):
 
 def test_pretrain_command_missing_init_exits_with_one_line(tmp_path):
     """A bare file name as model.init (no grandparent run.json to look up): one error line."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(root / "launch" / "pretrain.py"),
-            f"--config={root / 'configs' / 'pretrain.py'}",
-            f"--workdir={tmp_path / 'w'}",
-            "--config.model.init=missing.msgpack",
-        ],
-        capture_output=True,
-        text=True,
+    run = run_launch(
+        "pretrain.py",
+        f"--config={ROOT / 'configs' / 'pretrain.py'}",
+        f"--workdir={tmp_path / 'w'}",
+        "--config.model.init=missing.msgpack",
         cwd=tmp_path,
     )
-    last = run.stderr.strip().splitlines()[-1]
+    last = last_line(run.stderr)
     assert run.returncode != 0, run.stderr
     assert last == "error: config.model.init: weights file missing.msgpack does not exist", last

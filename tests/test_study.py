@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 import pytest
+from commands import ROOT, last_line, run_launch
 from tiny_config import tiny_config
 
 from bpgo_jax import study
@@ -125,18 +123,12 @@ def test_bad_method_fails_before_any_run(tmp_path):
 
 
 def test_study_command_reports_a_bad_config_in_one_line(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(root / "launch" / "study.py"),
-            f"--config={root / 'configs' / 'study.py'}",
-            f"--outdir={tmp_path / 'out'}",
-            "--config.study.methods.grpo.method=gpro",
-        ],
-        capture_output=True,
-        text=True,
+    run = run_launch(
+        "study.py",
+        f"--config={ROOT / 'configs' / 'study.py'}",
+        f"--outdir={tmp_path / 'out'}",
+        "--config.study.methods.grpo.method=gpro",
     )
     assert run.returncode == 1, run.stderr
-    last = run.stderr.strip().splitlines()[-1]
+    last = last_line(run.stderr)
     assert last.startswith("error: advantage.method='gpro' is not one of"), last

@@ -1,0 +1,20 @@
+"""Runs a `launch/` command in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_launch(script: str, *flags: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python launch/SCRIPT FLAGS...` with stdout and stderr captured as text."""
+    cmd = [sys.executable, str(ROOT / "launch" / script), *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
