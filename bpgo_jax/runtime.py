@@ -30,6 +30,31 @@ def enable_compile_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
 
+def define_cpu_devices_flag(note: str = ""):
+    """The launchers' `--cpu_devices=N` flag (read it before jax is imported)."""
+    from absl import flags
+
+    return flags.DEFINE_integer(
+        "cpu_devices",
+        0,
+        "Split the host CPU into N XLA devices that share each batch (CPU runs; 0 = as "
+        "XLA_FLAGS say, one by default); XLA:CPU runs one program on about one core, so N = "
+        f"the cores uses them all (README 'Speed'). {note}".strip(),
+    )
+
+
+def define_compile_cache_flag():
+    """The launchers' `--compile_cache=DIR` flag (see `enable_compile_cache`)."""
+    from absl import flags
+
+    return flags.DEFINE_string(
+        "compile_cache",
+        DEFAULT_COMPILE_CACHE,
+        "Persistent XLA compilation cache ('' disables); a resumed or repeated run, or the "
+        "next run of a study, skips compiling.",
+    )
+
+
 def set_cpu_devices(n: int) -> None:
     """Splits the host CPU into `n` XLA devices; 0 leaves XLA_FLAGS as they are.
 

@@ -1,6 +1,7 @@
 """Pre-trains the built-in generator with the rectified-flow loss; see configs/pretrain.py.
 
-    python launch/pretrain.py --config=configs/pretrain.py --workdir=workdirs/pretrain
+    python launch/pretrain.py --config=configs/pretrain.py --workdir=workdirs/pretrain \
+        --cpu_devices=2
 
 Writes WORKDIR/pretrain_metrics.jsonl (loss every `log_every` steps, held-out
 oracle accuracy at every evaluation), checkpoints/step_N.msgpack, and the
@@ -19,22 +20,18 @@ import json  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 
-import jax  # noqa: E402
 import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from bpgo_jax import pretrain  # noqa: E402
-from bpgo_jax.logs import captioned_grid  # noqa: E402
-from bpgo_jax.models import load_params, save_params  # noqa: E402
-from bpgo_jax.models.tiny import tiny_model  # noqa: E402
-from bpgo_jax.prompts import load_prompts  # noqa: E402
+from bpgo_jax import runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pre-training config.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints, weights.")
+_CACHE = runtime.define_compile_cache_flag()
+_CPU_DEVICES = runtime.define_cpu_devices_flag(
+    "N must divide train.batch_size and eval.batch_size."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -72,7 +69,32 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    runtime.set_cpu_devices(_CPU_DEVICES.value)
+    runtime.enable_compile_cache(_CACHE.value)
+    import jax
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from bpgo_jax import pretrain
+    from bpgo_jax.logs import captioned_grid
+    from bpgo_jax.models import load_params, save_params
+    from bpgo_jax.models.tiny import tiny_model
+    from bpgo_jax.parallel.mesh import batch_sharding, make_mesh, replicated
+    from bpgo_jax.prompts import load_prompts
+    from bpgo_jax.world import reward_model
+
     cfg: ml_collections.ConfigDict = _CONFIG.value
+    # One data axis over every device: each step's batch is split over them
+    # and the parameters replicated (the model is small).
+    mesh = make_mesh((-1,), ("data",))
+    for field, size in (("train", cfg.train.batch_size), ("eval", cfg.eval.batch_size)):
+        if size % mesh.size:
+            sys.exit(
+                f"error: config.{field}.batch_size={size} is not divisible by the "
+                f"{mesh.size} devices"
+            )
+    shard, replicate = batch_sharding(mesh), replicated(mesh)
     if cfg.model.name != "tiny_unet":
         sys.exit(f"error: config.model.name={cfg.model.name!r}: only tiny_unet is pre-trained here")
     workdir = Path(_WORKDIR.value)
@@ -99,7 +121,17 @@ def main(argv: list[str]) -> None:
     start_params = None
     if cfg.model.init != "random":  # continue from earlier weights (a checkpoint)
         start_params = load("model.init", cfg.model.init)
-    state = pretrain.init_state(model, optimizer, rng, start_params or like)
+    elif cfg.text_init:  # a fresh UNet over a CLIP-like model's text tower
+        try:
+            tower = reward_model.load(cfg.text_init)[0].get("text_tower")
+            if tower is None:
+                raise ValueError("no text_tower in it: not a WorldCLIP model")
+            start_params = (like[0], {"text": pretrain.text_from_clip(like[1]["text"], tower)})
+        except ValueError as err:
+            sys.exit(f"error: config.text_init={cfg.text_init!r}: {err}")
+    state = jax.device_put(
+        pretrain.init_state(model, optimizer, rng, start_params or like), replicate
+    )
     step_fn = pretrain.make_train_step(
         model, optimizer, tc.ema_decay, tc.time_sampling, tc.time_shift, cfg.distill.guidance_scale
     )
@@ -110,13 +142,17 @@ def main(argv: list[str]) -> None:
             "teacher": {"trainable": t_trainable, "frozen": t_frozen},
             "empty_tokens": model.tokenize([""]),
         }
+        distill = jax.device_put(distill, replicate)
     step_rng = jax.random.key(cfg.seed + 1)
     data_rng = np.random.default_rng(cfg.seed)
 
     heldout = load_prompts(cfg.eval.prompts_path)
     prompts = list(heldout.prompts)
     constraints = [m["constraints"] for m in heldout.metadata]
-    generate = pretrain.make_generate(model, cfg.sample)
+    compiled = pretrain.make_generate(model, cfg.sample)
+
+    def generate(trainable, frozen, tokens, keys):
+        return compiled(trainable, frozen, *jax.device_put((tokens, keys), shard))
 
     def evaluate(ema, n):
         tr, fr = ema["trainable"], ema["frozen"]
@@ -134,12 +170,14 @@ def main(argv: list[str]) -> None:
 
     evals, window, losses = [], [], []
     start = time.time()
+    print(f"data-parallel over {mesh.size} {jax.devices()[0].platform} device(s)")
     bar = tqdm(range(1, tc.steps + 1), desc="pretrain", dynamic_ncols=True)
     for step in bar:
         batch = pretrain.sample_batch(
             data_rng, tc.batch_size, model.tokenize, cfg.data.caption_dropout, cfg.data.split
         )
-        state, metrics = step_fn(state, batch["images"], batch["tokens"], step_rng, **distill)
+        images, tokens = jax.device_put((batch["images"], batch["tokens"]), shard)
+        state, metrics = step_fn(state, images, tokens, step_rng, **distill)
         window.append(metrics)
         if step % cfg.log_every == 0 or step == tc.steps:
             got = jax.device_get(window)

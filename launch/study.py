@@ -20,16 +20,9 @@ from bpgo_jax import runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config.", lock_config=False)
 _OUTDIR = flags.DEFINE_string("outdir", None, "Output directory.")
-_CACHE = flags.DEFINE_string(
-    "compile_cache",
-    runtime.DEFAULT_COMPILE_CACHE,
-    "Persistent XLA compilation cache ('' disables); runs after the first reuse its programs.",
-)
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices",
-    0,
-    "XLA devices per run on the host CPU (0 = as XLA_FLAGS say, one by default); "
-    "study.workers x cpu_devices should not exceed the cores.",
+_CACHE = runtime.define_compile_cache_flag()
+_CPU_DEVICES = runtime.define_cpu_devices_flag(
+    "Per run: study.workers x cpu_devices should not exceed the cores."
 )
 flags.mark_flags_as_required(["config", "outdir"])
 

@@ -21,17 +21,9 @@ from bpgo_jax import runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
-_CACHE = flags.DEFINE_string(
-    "compile_cache",
-    runtime.DEFAULT_COMPILE_CACHE,
-    "Persistent XLA compilation cache ('' disables); a resumed or repeated run skips compiling.",
-)
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices",
-    0,
-    "Split the host CPU into N XLA devices that share each batch (CPU runs; 0 = as XLA_FLAGS "
-    "say, one by default). 2 on a two-core machine runs the default config 1.35x faster; "
-    "N must divide sample.batch_size and train.micro_batch_size.",
+_CACHE = runtime.define_compile_cache_flag()
+_CPU_DEVICES = runtime.define_cpu_devices_flag(
+    "N must divide sample.batch_size and train.micro_batch_size."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -108,6 +108,54 @@ def test_train_step_reduces_loss_and_trains_text_encoder():
     assert float(eval_loss(state.ema)) < 0.9 * before  # the EMA tracks the weights
 
 
+def test_freeze_text_trains_the_unet_only():
+    model = tiny_model(tiny_cfg())
+    opt = pretrain.make_optimizer(train_cfg(steps=5, lr=1e-2, warmup_steps=1, freeze_text=True))
+    state = pretrain.init_state(model, opt, jax.random.key(0))
+    before = jax.tree.map(np.asarray, state.params)
+    batch = pretrain.sample_batch(np.random.default_rng(0), 4, model.tokenize, 0.0)
+    images = jax.image.resize(jnp.asarray(batch["images"]), (4, 8, 8, 3), "linear")
+    step = pretrain.make_train_step(model, opt)
+    for _ in range(3):
+        state, _ = step(state, images, jnp.asarray(batch["tokens"]), jax.random.key(1))
+    same = lambda a, b: bool(np.array_equal(a, np.asarray(b)))
+    assert all(jax.tree.leaves(jax.tree.map(same, before["frozen"], state.params["frozen"])))
+    moved = jax.tree.map(same, before["trainable"], state.params["trainable"])
+    assert not any(jax.tree.leaves(moved)), "every UNet tensor should have moved"
+
+
+def test_text_encoder_from_clip_tower_starts_as_the_towers_features():
+    """A deeper generator encoder over copied weights computes the donor's layers
+    exactly (its extra layer starts as the identity); the donor's own layers
+    and embeddings are copied, not re-initialised."""
+    from bpgo_jax.world import reward_model
+
+    rm_cfg = reward_model.RewardModelConfig(
+        vocab_size=256, max_length=8, text_width=16, text_depth=1, text_heads=2, embed_dim=8
+    )
+    tower = reward_model.init_params(rm_cfg, jax.random.key(3))["text_tower"]
+    tower = jax.tree.map(lambda p: p + 0.1, tower)  # non-trivial norms and biases
+    cfg1, cfg2 = tiny_cfg(), tiny_cfg()
+    cfg2.text_depth = 2
+    one, two = tiny_model(cfg1), tiny_model(cfg2)
+    text1 = pretrain.text_from_clip(one.init(jax.random.key(0))[1]["text"], tower)
+    text2 = pretrain.text_from_clip(two.init(jax.random.key(1))[1]["text"], tower)
+    np.testing.assert_array_equal(
+        text1["token_embedding"]["embedding"], tower["token_embedding"]["embedding"]
+    )
+    np.testing.assert_array_equal(
+        text2["attn_0"]["query"]["kernel"], tower["attn_0"]["query"]["kernel"]
+    )
+    assert np.abs(np.asarray(text2["attn_1"]["query"]["kernel"])).sum() > 0  # kept its init
+    tokens = jnp.asarray(one.tokenize(["a red circle", "two shapes: a blue box and a dot"]))
+    h1 = one.encode_text({"text": text1}, tokens)["hidden"]
+    h2 = two.encode_text({"text": text2}, tokens)["hidden"]
+    np.testing.assert_allclose(np.asarray(h2), np.asarray(h1), atol=1e-6)
+    bad = {"proj": tower["proj"]}
+    with pytest.raises(ValueError, match="does not match"):
+        pretrain.text_from_clip(text1, bad)
+
+
 def test_guidance_distillation_targets_the_teachers_guided_velocity():
     model = tiny_model(tiny_cfg())
     trainable, frozen = model.init(jax.random.key(0))
@@ -272,6 +320,64 @@ def test_shipped_generator_loads_and_matches_documented_accuracy(name, low):
     assert abs(acc - documented) <= 0.15, (acc, documented)  # ~3 binomial std at n=48
 
 
+def model_flags(cfg: ml_collections.ConfigDict) -> list[str]:
+    """`--config.model.*` flags that give a launcher the model `cfg` describes."""
+    sizes = ("resolution", "channels", "attn_levels", "heads", "vocab_size", "max_length")
+    return [f"--config.model.{k}={cfg[k]}" for k in (*sizes, "text_width", "text_depth")]
+
+
+def test_pretrain_command_over_two_cpu_devices_from_a_clip_tower(tmp_path):
+    """A few steps of launch/pretrain.py, each batch split over 2 CPU devices, the
+    text encoder taken (frozen) from a WorldCLIP file: metrics, checkpoints and
+    generator.json are written, the shipped text encoder is the tower's, and a
+    tower that does not fit the model is one error line."""
+    from bpgo_jax.models import load_params
+    from bpgo_jax.world import reward_model
+
+    cfg = tiny_cfg()
+    cfg.resolution = 32  # the oracle reads 32x32 scenes
+    rm_cfg = reward_model.RewardModelConfig(
+        vocab_size=cfg.vocab_size,
+        max_length=cfg.max_length,
+        text_width=cfg.text_width,
+        text_depth=1,
+        text_heads=cfg.heads,
+        embed_dim=8,
+    )
+    tower = tmp_path / "clip.msgpack"
+    reward_model.save(tower, reward_model.init_params(rm_cfg, jax.random.key(5)), rm_cfg)
+    small = [f"--config.train.{k}" for k in ("steps=4", "batch_size=4", "warmup_steps=1")]
+    small += [f"--config.eval.{k}" for k in ("every=2", "num_prompts=4", "final_num_prompts=4")]
+    small += ["--config.eval.batch_size=4", "--config.eval.num_images=2", "--config.log_every=2"]
+    base = [f"--config={ROOT / 'configs' / 'pretrain.py'}", *model_flags(cfg), *small]
+    base += ["--config.sample.num_steps=2", "--config.train.freeze_text=True", "--cpu_devices=2"]
+    out = run_launch(
+        "pretrain.py", *base, f"--workdir={tmp_path / 'w'}", f"--config.text_init={tower}"
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "data-parallel over 2 cpu device(s)" in out.stdout
+    info = json.loads((tmp_path / "w" / "generator.json").read_text())
+    assert [e["step"] for e in info["evaluations"]] == [2, 4]
+    metrics = (tmp_path / "w" / "pretrain_metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["step"] for m in metrics] == [2, 2, 4, 4]  # loss and eval lines
+    _, frozen = load_params(
+        tmp_path / "w" / "generator.msgpack", tiny_model(cfg).init(jax.random.key(0))
+    )
+    want, _ = reward_model.load(tower)
+    np.testing.assert_allclose(  # shipped weights are the EMA: equal up to its rounding
+        frozen["text"]["token_embedding"]["embedding"],
+        want["text_tower"]["token_embedding"]["embedding"],
+        rtol=1e-5,
+    )
+    shipped = ROOT / "bpgo_jax" / "world" / "assets" / "reward_model.msgpack"  # 64 wide, not 16
+    bad = run_launch(
+        "pretrain.py", *base, f"--workdir={tmp_path / 'b'}", f"--config.text_init={shipped}"
+    )
+    assert bad.returncode != 0
+    assert last_line(bad.stderr).startswith("error: config.text_init="), bad.stderr[-500:]
+    assert "does not match" in last_line(bad.stderr)
+
+
 def test_evaluate_generator_command(tmp_path):
     """launch/evaluate_generator.py on small random weights: JSON out, clear errors."""
     from bpgo_jax.models import save_params
@@ -281,9 +387,7 @@ def test_evaluate_generator_command(tmp_path):
     trainable, frozen = tiny_model(cfg).init(jax.random.key(0))
     weights = tmp_path / "g.msgpack"
     save_params(weights, trainable, frozen)
-    sizes = ("resolution", "channels", "attn_levels", "heads", "vocab_size", "max_length")
-    model_flags = [f"--config.model.{k}={cfg[k]}" for k in (*sizes, "text_width", "text_depth")]
-    base = ["--config", str(ROOT / "configs" / "pretrain.py"), *model_flags]
+    base = ["--config", str(ROOT / "configs" / "pretrain.py"), *model_flags(cfg)]
     base += ["--config.sample.num_steps=2", "--num_prompts=3", "--group_size=2"]
     out = run_launch("evaluate_generator.py", *base, f"--weights={weights}")
     assert out.returncode == 0, out.stderr[-2000:]
