@@ -120,8 +120,8 @@ def test_freeze_text_trains_the_unet_only():
         state, _ = step(state, images, jnp.asarray(batch["tokens"]), jax.random.key(1))
     same = lambda a, b: bool(np.array_equal(a, np.asarray(b)))
     assert all(jax.tree.leaves(jax.tree.map(same, before["frozen"], state.params["frozen"])))
-    moved = jax.tree.map(same, before["trainable"], state.params["trainable"])
-    assert not any(jax.tree.leaves(moved)), "every UNet tensor should have moved"
+    unchanged = jax.tree.map(same, before["trainable"], state.params["trainable"])
+    assert not any(jax.tree.leaves(unchanged)), "every UNet tensor should have moved"
 
 
 def test_text_encoder_from_clip_tower_starts_as_the_towers_features():
