@@ -32,6 +32,7 @@ _CACHE = runtime.define_compile_cache_flag()
 _CPU_DEVICES = runtime.define_cpu_devices_flag(
     "N must divide train.batch_size and eval.batch_size."
 )
+flags.adopt_module_key_flags(runtime)  # list them in --help
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -24,6 +24,7 @@ _CACHE = runtime.define_compile_cache_flag()
 _CPU_DEVICES = runtime.define_cpu_devices_flag(
     "Per run: study.workers x cpu_devices should not exceed the cores."
 )
+flags.adopt_module_key_flags(runtime)  # list them in --help
 flags.mark_flags_as_required(["config", "outdir"])
 
 

@@ -442,3 +442,11 @@ def test_pretrain_command_missing_init_exits_with_one_line(tmp_path):
     last = last_line(run.stderr)
     assert run.returncode != 0, run.stderr
     assert last == "error: config.model.init: weights file missing.msgpack does not exist", last
+
+
+@pytest.mark.parametrize("script", ["train.py", "study.py", "pretrain.py"])
+def test_launchers_list_their_shared_flags_in_help(script):
+    """--cpu_devices / --compile_cache are defined in bpgo_jax.runtime; each
+    launcher adopts them, so plain --help shows them."""
+    out = run_launch(script, "--help")
+    assert "--cpu_devices" in out.stdout and "--compile_cache" in out.stdout, out.stdout[-1500:]
