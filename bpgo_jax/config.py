@@ -95,6 +95,18 @@ def batch_layout(config: ml_collections.ConfigDict, num_devices: int, num_hosts:
     }
 
 
+def check_tiny_model(model: ml_collections.ConfigDict) -> None:
+    """The built-in UNet patchifies, then halves the resolution per level: it must divide."""
+    patch = model.get("patch", 1)
+    _check(isinstance(patch, int) and patch >= 1, f"model.patch={patch!r} must be an integer >= 1")
+    factor = patch * 2 ** (len(model.channels) - 1)
+    _check(
+        model.resolution % factor == 0,
+        f"model.resolution={model.resolution} must be a multiple of model.patch * "
+        f"2**(len(model.channels) - 1) = {factor}",
+    )
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int = 1) -> dict:
     """Checks the whole config; returns `batch_layout`."""
     rewards_lib.load_plugins(tuple(config.get("plugins", ())))
@@ -171,4 +183,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int
         config.model.get("dtype", "float32") in ("float32", "bfloat16"),
         f"model.dtype={config.model.get('dtype')!r} is not float32 or bfloat16",
     )
+    if config.model.name == "tiny_unet":
+        check_tiny_model(config.model)
     return batch_layout(config, num_devices, num_hosts)

@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
         max_length=24,
         text_width=64,
         text_depth=2,
+        patch=1,  # built-in model: > 1 runs the UNet on patch x patch pixel patches
         # Built-in model: rank > 0 trains LoRA factors on every attention
         # projection (targets: regexes, default all) over a frozen UNet.
         lora=dict(rank=0, alpha=0.0, targets=()),

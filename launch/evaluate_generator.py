@@ -52,6 +52,7 @@ def main(argv: list[str]) -> None:
     from PIL import Image
 
     from bpgo_jax import pretrain
+    from bpgo_jax.config import ConfigError, check_tiny_model
     from bpgo_jax.logs import captioned_grid
     from bpgo_jax.models import load_params
     from bpgo_jax.models.tiny import tiny_model
@@ -64,6 +65,10 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: --weights={_WEIGHTS.value!r} is not a file")
     if _NUM.value < 1 or _GROUP.value < 1:
         sys.exit(f"error: --num_prompts={_NUM.value} and --group_size={_GROUP.value} must be >= 1")
+    try:
+        check_tiny_model(cfg.model)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     model = tiny_model(cfg.model)
     try:
         trainable, frozen = load_params(_WEIGHTS.value, model.init(jax.random.key(0)))

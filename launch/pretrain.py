@@ -63,6 +63,16 @@ def run_lineage(init: str) -> list[dict]:
     return prev["lineage"] + [{"command": prev["command"], "steps": steps}]
 
 
+def text_init_record(cfg: ml_collections.ConfigDict) -> dict | None:
+    """Where a fresh generator's text encoder came from, with the command that
+    trained that tower when its workdir has one (launch/train_reward_model.py)."""
+    if not cfg.text_init or cfg.model.init != "random":
+        return None
+    run_file = Path(cfg.text_init).resolve().parent / "run.json"
+    command = json.loads(run_file.read_text())["command"] if run_file.is_file() else None
+    return {"path": cfg.text_init, "command": command}
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -78,6 +88,7 @@ def main(argv: list[str]) -> None:
     from tqdm import tqdm
 
     from bpgo_jax import pretrain
+    from bpgo_jax.config import ConfigError, check_tiny_model
     from bpgo_jax.logs import captioned_grid
     from bpgo_jax.models import load_params, save_params
     from bpgo_jax.models.tiny import tiny_model
@@ -98,6 +109,10 @@ def main(argv: list[str]) -> None:
     shard, replicate = batch_sharding(mesh), replicated(mesh)
     if cfg.model.name != "tiny_unet":
         sys.exit(f"error: config.model.name={cfg.model.name!r}: only tiny_unet is pre-trained here")
+    try:
+        check_tiny_model(cfg.model)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     workdir = Path(_WORKDIR.value)
     (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
     metrics_path = workdir / "pretrain_metrics.jsonl"
@@ -229,6 +244,7 @@ def main(argv: list[str]) -> None:
             for k in ("kind", "num_steps", "noise", "noise_level", "shift", "guidance_scale")
         },
         "weights": f"EMA (decay {tc.ema_decay:g})",
+        "text_init": text_init_record(cfg),
         "distilled_from": (
             {"teacher": cfg.distill.teacher, "guidance_scale": cfg.distill.guidance_scale}
             if cfg.distill.teacher

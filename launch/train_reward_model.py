@@ -60,6 +60,10 @@ def main(argv: list[str]) -> None:
     cfg = _CONFIG.value
     workdir = Path(_WORKDIR.value)
     workdir.mkdir(parents=True, exist_ok=True)
+    # The command, so a generator whose text encoder starts from this model
+    # (launch/pretrain.py --config.text_init) can record how it was made.
+    run = {"command": " ".join(["python", *sys.argv])}
+    (workdir / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     model_cfg = rm.RewardModelConfig.from_dict(cfg.model.to_dict())
     tok = rm.tokenizer(model_cfg)
     rng = np.random.default_rng(cfg.seed)

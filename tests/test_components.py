@@ -40,6 +40,8 @@ from bpgo_jax.rollout import samplers, schedules
         ({"sample.noise_patch": 0}, "sample.noise_patch=0"),
         ({"sample.noise_patch_window": (1, 4)}, "sample.noise_patch_window=(1, 4)"),
         ({"eval.noise": "sde"}, "eval.noise='sde'"),
+        ({"model.patch": 0}, "model.patch=0"),
+        ({"model.patch": 8}, "model.resolution=8 must be a multiple of model.patch"),
         ({"eval.extra_prompts": {"ood": "x.txt"}}, "config.eval.extra_prompts.ood"),
     ],
 )

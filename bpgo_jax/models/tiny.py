@@ -98,14 +98,35 @@ class CrossAttention(nn.Module):
         return x + nn.Dense(c, dtype=self.dtype, name="proj_out")(h).reshape(b, hh, ww, c)
 
 
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+    """[B, H, W, C] -> [B, H/p, W/p, p*p*C]: each p x p pixel patch becomes one position."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+    """The inverse of `space_to_depth`."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * p, w * p, c // (p * p))
+
+
 class TinyUNet(nn.Module):
-    """UNet over NHWC images; cross-attention at the resolutions in `attn_levels`."""
+    """UNet over NHWC images; cross-attention at the resolutions in `attn_levels`.
+
+    `patch` > 1 runs the network on p x p pixel patches (space-to-depth in,
+    depth-to-space out, as U-ViT and DiT patchify): the full-resolution level,
+    the costliest per channel, disappears, so the same compute buys wider
+    layers where objects and their relations are drawn.
+    """
 
     channels: Sequence[int] = (32, 64, 64)
     attn_levels: Sequence[int] = (1, 2)
     heads: int = 4
     out_channels: int = 3
     dtype: jnp.dtype = jnp.float32
+    patch: int = 1
 
     @nn.compact
     def __call__(self, x, t, context, context_mask):
@@ -117,6 +138,8 @@ class TinyUNet(nn.Module):
         )
         temb = temb + nn.Dense(4 * self.channels[0], dtype=self.dtype, name="text_pool")(pooled)
 
+        if self.patch > 1:
+            x = space_to_depth(x, self.patch)
         h = nn.Conv(self.channels[0], (3, 3), dtype=self.dtype, name="conv_in")(
             x.astype(self.dtype)
         )
@@ -147,8 +170,13 @@ class TinyUNet(nn.Module):
                 )
         h = nn.silu(nn.GroupNorm(min(8, self.channels[0]), dtype=self.dtype)(h))
         out = nn.Conv(
-            self.out_channels, (3, 3), kernel_init=nn.initializers.zeros, name="conv_out"
+            self.out_channels * self.patch**2,
+            (3, 3),
+            kernel_init=nn.initializers.zeros,
+            name="conv_out",
         )(h)
+        if self.patch > 1:
+            out = depth_to_space(out, self.patch)
         return out.astype(jnp.float32)
 
 
@@ -178,7 +206,9 @@ def tiny_model(cfg: ml_collections.ConfigDict) -> DiffusionModel:
     text = TextEncoder(
         cfg.vocab_size, cfg.max_length, cfg.text_width, cfg.text_depth, cfg.heads, dtype
     )
-    unet = TinyUNet(tuple(cfg.channels), tuple(cfg.attn_levels), cfg.heads, 3, dtype)
+    unet = TinyUNet(
+        tuple(cfg.channels), tuple(cfg.attn_levels), cfg.heads, 3, dtype, cfg.get("patch", 1)
+    )
     size = cfg.resolution
     latent_shape = (size, size, 3)
 
