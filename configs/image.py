@@ -2,8 +2,7 @@
 
     python launch/train.py --config=configs/image.py --workdir=runs/image
 
-(6.5 min on a 2-core Intel Xeon, 12 min on a 2-core AMD EPYC; 4.8 min on the
-first with `--cpu_devices=2`, README "Speed").
+(3.4 min on a 2-core Intel Xeon machine, README "Status").
 
 Base: the shipped flow-matching generator (held-out oracle accuracy 0.391).
 Prior: per-prompt moving average of group-mean rewards (the paper's image

@@ -7,7 +7,7 @@ sample budget; only the advantage settings differ. No method got its own
 hyper-parameter search: all share configs/image.py's training settings and
 the paper's public BPGO defaults (alpha = 0.5, k = 1, lambda = 1, s = 0.5).
 The default (12 runs, each with the default run's 30 epochs x 64 samples
-and its evaluations of both prompt sets, two runs at a time) took 45 min on
+and its evaluations of both prompt sets, two runs at a time) took 24 min on
 a 2-core Intel Xeon machine. `--config.train.num_epochs=10` for a quicker
 look; `--config.study.workers=1` on a single accelerator. Results:
 docs/study/ and the README.
