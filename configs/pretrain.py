@@ -25,10 +25,10 @@ The first trains a second WorldCLIP (3 min; its own seed, so the generator
 does not read text with the shipped reward model's weights) whose text
 tower starts the generator's text encoder (`text_init`: a text encoder
 learned by the flow loss alone tells shapes apart less well,
-benchmarks/text_probe.py). The second trains configs/image.py's model (a UNet on 2x2
-pixel patches, `model.patch=2`, channels 64/96/128) for 7,000 steps (52
-min, each batch split over both cores): held-out oracle accuracy 0.391
-(256 prompts, this sampler). Earlier generators (a three-run chain from a
+benchmarks/text_probe.py). The second trains configs/image.py's model (a
+UNet on 2x2 pixel patches, `model.patch=2`, channels 64/96/128) for 7,000
+steps (52 min, each batch split over both cores): held-out oracle accuracy
+0.391 (256 prompts, this sampler). Earlier generators (a three-run chain from a
 random text encoder, 0.145; its guidance-distilled student, 0.277) and
 their commands: docs/status_history.md.
 """
