@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
     try:
         trainable, frozen = load_params(_WEIGHTS.value, model.init(jax.random.key(0)))
     except ValueError as err:
-        sys.exit(f"error: {_WEIGHTS.value}: {err}")
+        sys.exit(f"error: --weights: {err} (give the --config.model.* sizes it was trained with)")
     prompt_set = load_prompts(_PROMPTS.value or cfg.eval.prompts_path)
     if not all("constraints" in m for m in prompt_set.metadata):
         sys.exit("error: the prompt file needs world metadata ('constraints'), e.g. a world .jsonl")

@@ -413,6 +413,13 @@ def test_evaluate_generator_command(tmp_path):
     assert by_kind == pytest.approx(got["oracle_accuracy"], abs=1e-3)
     bad = run_launch("evaluate_generator.py", *base, f"--weights={tmp_path / 'none.msgpack'}")
     assert bad.returncode != 0 and "is not a file" in bad.stderr
+    assert cfg.patch == 2  # configs/image.py's model: weights of another layout are one line
+    other = run_launch(
+        "evaluate_generator.py", *base, "--config.model.patch=1", f"--weights={weights}"
+    )
+    line = last_line(other.stderr)
+    assert other.returncode != 0 and line.startswith("error: --weights: "), other.stderr[-500:]
+    assert "has shape" in line and "--config.model.*" in line
 
 
 def test_weight_errors_name_the_field_that_gave_the_path(tmp_path):
