@@ -34,7 +34,7 @@ from bpgo_jax.update.step import (  # noqa: E402
     step_options,
     train_step,
 )
-from configs.image import get_config  # noqa: E402
+from bpgo_jax.configs.image import get_config  # noqa: E402
 
 
 def main() -> None:

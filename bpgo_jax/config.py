@@ -9,14 +9,12 @@ from __future__ import annotations
 import ml_collections
 
 from bpgo_jax import rewards as rewards_lib
+from bpgo_jax.errors import ConfigError
+from bpgo_jax.models import tiny
 
 ADVANTAGE_METHODS = ("bpgo", "grpo", "ddpo_tracker")
 PRIOR_KINDS = ("fixed", "moving_average", "reference")
 FLOW_NOISE = ("flow_grpo", "dance", "ode")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _check(cond: bool, message: str) -> None:
@@ -93,18 +91,6 @@ def batch_layout(config: ml_collections.ConfigDict, num_devices: int, num_hosts:
         "trained_steps": trained,
         "timestep_window": window,
     }
-
-
-def check_tiny_model(model: ml_collections.ConfigDict) -> None:
-    """The built-in UNet patchifies, then halves the resolution per level: it must divide."""
-    patch = model.get("patch", 1)
-    _check(isinstance(patch, int) and patch >= 1, f"model.patch={patch!r} must be an integer >= 1")
-    factor = patch * 2 ** (len(model.channels) - 1)
-    _check(
-        model.resolution % factor == 0,
-        f"model.resolution={model.resolution} must be a multiple of model.patch * "
-        f"2**(len(model.channels) - 1) = {factor}",
-    )
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int = 1) -> dict:
@@ -184,5 +170,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int
         f"model.dtype={config.model.get('dtype')!r} is not float32 or bfloat16",
     )
     if config.model.name == "tiny_unet":
-        check_tiny_model(config.model)
+        try:
+            tiny.check_config(config.model)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     return batch_layout(config, num_devices, num_hosts)

@@ -6,7 +6,10 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from bpgo_jax import errors
 
 DEFAULT_COMPILE_CACHE = str(Path.home() / ".cache" / "bpgo_jax" / "xla")
 
@@ -72,3 +75,64 @@ def set_cpu_devices(n: int) -> None:
         r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", "")
     )
     os.environ["XLA_FLAGS"] = f"{flags.strip()} --xla_force_host_platform_device_count={n}".strip()
+
+
+_SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(value: str) -> str:
+    """`configs/NAME.py[:arg]` names a shipped config when no such file exists here.
+
+    So `--config=configs/image.py` works from a checkout and from an installed
+    wheel alike; a user's own file of that path takes precedence.
+    """
+    path, sep, arg = value.partition(":")
+    if Path(path).exists():
+        return value
+    shipped = (
+        _SHIPPED_CONFIGS / Path(path).relative_to("configs")
+        if path.startswith("configs/")
+        else None
+    )
+    if shipped is not None and shipped.is_file():
+        return f"{shipped}{sep}{arg}"
+    return value
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+    out = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            arg = "--config=" + resolve_config_path(arg[len("--config=") :])
+        elif i > 0 and argv[i - 1] == "--config":
+            arg = resolve_config_path(arg)
+        out.append(arg)
+    return out
+
+
+def run(main: Callable[[list[str]], None], doc: str | None = None) -> None:
+    """`absl.app.run(main)` for a command: a `UserError` becomes one `error:` line.
+
+    `doc` (the command module's docstring) is the `--help` text. A preempted
+    run exits with `errors.EXIT_PREEMPTED` so a scheduler requeues it.
+    """
+    from absl import app, flags
+
+    if doc is not None:
+        sys.modules["__main__"].__doc__ = doc
+    # `--help` lists the key flags of the script being run: make the command
+    # module's flags (and those it adopted) the script's own.
+    for flag in flags.FLAGS.get_key_flags_for_module(main.__module__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+    def guarded(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except errors.UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(errors.EXIT_ERROR)
+        except errors.Preempted as err:
+            print(f"preempted: {err}", file=sys.stderr)
+            sys.exit(errors.EXIT_PREEMPTED)
+
+    app.run(guarded, argv=_resolve_config_args(sys.argv))

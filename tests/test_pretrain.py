@@ -17,12 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from commands import ROOT, last_line, run_launch  # noqa: E402
 
 from bpgo_jax import pretrain  # noqa: E402
+from bpgo_jax.configs.image import get_config as image_config  # noqa: E402
+from bpgo_jax.configs.pretrain import get_config as pretrain_config  # noqa: E402
 from bpgo_jax.models import build_model  # noqa: E402
 from bpgo_jax.models.text import BOS_ID, PAD_ID  # noqa: E402
 from bpgo_jax.models.tiny import tiny_model  # noqa: E402
 from bpgo_jax.prompts import load_prompts  # noqa: E402
-from configs.image import get_config as image_config  # noqa: E402
-from configs.pretrain import get_config as pretrain_config  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "bpgo_jax" / "world" / "assets"
 

@@ -30,10 +30,10 @@ pytest.importorskip("diffusers")
 from test_sd_parity import SD1_UNET, _save_pipeline  # noqa: E402  (same tests/ folder)
 
 from bpgo_jax.config import batch_layout  # noqa: E402
+from bpgo_jax.configs import sd_aesthetic, sd_pickscore, sd_tiny_test  # noqa: E402
 from bpgo_jax.models.sd import sd_from_config  # noqa: E402
 from bpgo_jax.parallel import mesh as mesh_lib  # noqa: E402
 from bpgo_jax.prompts import load_prompts  # noqa: E402
-from configs import sd_aesthetic, sd_pickscore, sd_tiny_test  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SD_CONFIGS = {"sd_aesthetic": sd_aesthetic, "sd_pickscore": sd_pickscore}

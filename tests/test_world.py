@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -289,9 +288,8 @@ def test_roc_auc_hand_computed():
 
 
 def test_prompt_files_are_shipped_and_reproducible():
-    spec = importlib.util.spec_from_file_location("mwp", ROOT / "launch" / "make_world_prompts.py")
-    mwp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mwp)
+    from bpgo_jax.cli import make_world_prompts as mwp
+
     for split, n in (("train", 2000), ("heldout", 256)):
         lines = (ROOT / "bpgo_jax/world/assets" / f"prompts_{split}.jsonl").read_text().splitlines()
         assert len(lines) == n

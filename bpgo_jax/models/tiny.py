@@ -192,6 +192,19 @@ def with_lora(
     return lora_lib.split_params(trainable["unet"], frozen, spec, rng)
 
 
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError unless the resolution divides into patches, then halves per level."""
+    patch = cfg.get("patch", 1)
+    if not (isinstance(patch, int) and patch >= 1):
+        raise ValueError(f"model.patch={patch!r} must be an integer >= 1")
+    factor = patch * 2 ** (len(cfg.channels) - 1)
+    if cfg.resolution % factor:
+        raise ValueError(
+            f"model.resolution={cfg.resolution} must be a multiple of model.patch * "
+            f"2**(len(model.channels) - 1) = {factor}"
+        )
+
+
 def tiny_model(cfg: ml_collections.ConfigDict) -> DiffusionModel:
     """Builds the built-in model from `config.model` (see configs/image.py).
 
@@ -200,6 +213,7 @@ def tiny_model(cfg: ml_collections.ConfigDict) -> DiffusionModel:
     `with_lora` turns them into LoRA factors over a frozen UNet, and `predict`
     accepts either form.
     """
+    check_config(cfg)
     lora = lora_lib.spec_from_config(cfg.get("lora", None), TINY_ATTENTION_TARGETS)
     dtype = jnp.bfloat16 if cfg.get("dtype", "float32") == "bfloat16" else jnp.float32
     tokenizer = HashTokenizer(cfg.vocab_size, cfg.max_length)

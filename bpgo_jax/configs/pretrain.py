@@ -33,13 +33,11 @@ random text encoder, 0.145; its guidance-distilled student, 0.277) and
 their commands: docs/status_history.md.
 """
 
-from pathlib import Path
 
 import ml_collections
 
-from configs.image import get_config as image_config
-
-ASSETS = Path(__file__).resolve().parents[1] / "bpgo_jax" / "world" / "assets"
+from bpgo_jax.configs.common import ASSETS
+from bpgo_jax.configs.image import get_config as image_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -14,11 +14,9 @@ Another reward model: `--config.rewards.world_clip.path=W/reward_model.msgpack`
 (and `--config.eval.rewards.world_clip.path=...` to evaluate with it too).
 """
 
-from pathlib import Path
 
-from configs.common import base_config
+from bpgo_jax.configs.common import ASSETS, base_config
 
-ASSETS = Path(__file__).resolve().parents[1] / "bpgo_jax" / "world" / "assets"
 GENERATOR = ASSETS / "generator.msgpack"
 
 

@@ -6,7 +6,12 @@ the command line: `--config.train.lr=3e-4 --config.sample.group_size=8`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_collections
+
+# The built-in world's shipped files: generator, reward model, prompt sets.
+ASSETS = Path(__file__).resolve().parents[1] / "world" / "assets"
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ layout before a long run. Everything except sizes is configs/sd_aesthetic.py's.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from configs.sd_aesthetic import sd_config
+from bpgo_jax.configs.sd_aesthetic import sd_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ Never the default: the oracle is ground truth for evaluation. Results:
 README "Status".
 """
 
-from configs import image
+from bpgo_jax.configs import image
 
 
 def get_config():

@@ -18,7 +18,7 @@ for bf16 here: --config.model.dtype=bfloat16 --config.rewards.pickscore.dtype=bf
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from configs.sd_aesthetic import sd_config
+from bpgo_jax.configs.sd_aesthetic import sd_config
 
 
 def get_config() -> ml_collections.ConfigDict:

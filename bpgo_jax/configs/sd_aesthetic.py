@@ -32,7 +32,7 @@ from pathlib import Path
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from configs.common import base_config
+from bpgo_jax.configs.common import base_config
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
 

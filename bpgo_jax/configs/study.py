@@ -13,7 +13,7 @@ look; `--config.study.workers=1` on a single accelerator. Results:
 docs/study/ and the README.
 """
 
-from configs import image
+from bpgo_jax.configs import image
 
 
 def get_config():

@@ -1,0 +1,50 @@
+"""Post-trains a generator with BPGO or a GRPO-family baseline.
+
+    python launch/train.py --config=configs/image.py --workdir=runs/image
+    python launch/train.py --config=configs/image.py --workdir=runs/x \
+        --config.advantage.method=grpo --config.train.num_epochs=40
+
+Re-running with the same --workdir resumes from its latest checkpoint. On a
+multi-core CPU add --cpu_devices=N (N cores) to use them all.
+"""
+
+import logging
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from bpgo_jax import runtime
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
+_CACHE = runtime.define_compile_cache_flag()
+_CPU_DEVICES = runtime.define_cpu_devices_flag(
+    "N must divide sample.batch_size and train.micro_batch_size."
+)
+flags.adopt_module_key_flags(runtime)  # list them in --help
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    runtime.set_cpu_devices(_CPU_DEVICES.value)
+    runtime.quiet_absl()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    runtime.enable_compile_cache(_CACHE.value)
+    from bpgo_jax.config import ConfigError
+    from bpgo_jax.train import Trainer
+
+    try:
+        trainer = Trainer(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    trainer.train()
+
+
+def run() -> None:
+    runtime.run(main, __doc__)
+
+
+if __name__ == "__main__":
+    run()
