@@ -38,7 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
         lora=dict(rank=0, alpha=0.0, targets=()),
         scheduler=ml_collections.config_dict.placeholder(dict),
     )
-    c.prompts = dict(path="")
+    # on_too_long: prompts with more tokens than model.max_length are cut;
+    # "warn" says how many once, "error" refuses them.
+    c.prompts = dict(path="", on_too_long="warn")
 
     c.sample = dict(
         kind="flow",
@@ -131,6 +133,14 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.checkpoint = dict(every=1, keep=3, use_async=True)
     # progress: tqdm bars for epochs, rollouts and evaluations (process 0 only).
-    c.log = dict(tensorboard=True, image_every=5, num_images=8, progress=True)
+    # wandb: Weights & Biases gets the same scalars and image grids (mode:
+    # "online", "offline" = written under WORKDIR/wandb for `wandb sync`).
+    c.log = dict(
+        tensorboard=True,
+        image_every=5,
+        num_images=8,
+        progress=True,
+        wandb=dict(enabled=False, project="bpgo-jax", entity="", run_name="", mode="online"),
+    )
     c.distributed = dict(initialize=False, coordinator_address="", num_processes=0, process_id=-1)
     return c
