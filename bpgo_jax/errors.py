@@ -31,3 +31,7 @@ class WorkdirError(UserError):
 
 class Preempted(Exception):  # noqa: N818 (a signal, not a failure)
     """Raised after a SIGTERM-triggered checkpoint: the run is unfinished."""
+
+
+class DivergedError(UserError):
+    """Too many consecutive updates skipped for non-finite rewards, loss or gradients."""
