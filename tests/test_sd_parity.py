@@ -32,7 +32,7 @@ from bpgo_jax.models.sd import (  # noqa: E402
     sd_model,
 )
 from bpgo_jax.models.sd.config import unet_config_from_dict  # noqa: E402
-from bpgo_jax.models.sd.pipeline import build_model, modules_from_configs  # noqa: E402
+from bpgo_jax.models.sd.pipeline import model_from_modules, modules_from_configs  # noqa: E402
 from bpgo_jax.rollout import samplers  # noqa: E402
 
 TOL = 1e-4
@@ -230,7 +230,7 @@ def test_random_init_has_the_loaded_structure(sd2):
     with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
         configs["scheduler"] = json.load(f)
     configs["tokenizer"] = os.path.join(folder, "tokenizer")
-    model = build_model(modules_from_configs(configs))
+    model = model_from_modules(modules_from_configs(configs))
     trainable, frozen = model.init(jax.random.key(1))
     ckpt = load_sd(folder)
     shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -12,6 +13,7 @@ import optax
 import pytest
 
 import bpgo_jax.world  # noqa: F401  (registers world_clip and world_oracle)
+from bpgo_jax.errors import WeightsError
 from bpgo_jax.rewards import base
 from bpgo_jax.world import reward_model as rm
 from bpgo_jax.world.data import sample_pairs
@@ -107,6 +109,14 @@ def test_save_load_round_trip_and_errors(tmp_path, tiny_params):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="do not exist"):
         rm.load(tmp_path / "missing.msgpack")
+    # Weights that do not fit the config beside them fail at load, naming the tensor.
+    wider = dataclasses.replace(TINY, embed_dim=16)
+    (tmp_path / "m.json").write_text(wider.to_json())
+    with pytest.raises(WeightsError, match=r"m\.msgpack: tensor \['image_tower'\]\['proj'\]"):
+        rm.load(tmp_path / "m.msgpack")
+    (tmp_path / "m.json").write_text('{"vocab": 3}')
+    with pytest.raises(WeightsError, match=r"m\.json': unknown reward model config keys"):
+        rm.load(tmp_path / "m.msgpack")
     with pytest.raises(ValueError, match="divisible"):
         rm.RewardModelConfig(text_width=10, text_heads=4)
 

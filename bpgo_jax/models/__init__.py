@@ -12,8 +12,9 @@ from typing import Any
 
 import jax
 import ml_collections
-from flax import serialization
 
+from bpgo_jax.errors import ConfigError, WeightsError
+from bpgo_jax.models import weights
 from bpgo_jax.models.interface import DiffusionModel
 
 Params = Any
@@ -33,42 +34,39 @@ def build_model(
         from bpgo_jax.models.tiny import tiny_model, with_lora
 
         model = tiny_model(cfg)
-        trainable, frozen = model.init(rng)
-        if cfg.init != "random":
+        if cfg.init == "random":
+            trainable, frozen = model.init(rng)
+        else:  # only the shapes of a random init are needed
             try:
-                trainable, frozen = load_params(cfg.init, (trainable, frozen))
-            except ValueError as err:
-                raise ValueError(f"config.model.init: {err}") from None
+                trainable, frozen = load_params(cfg.init, jax.eval_shape(model.init, rng))
+            except WeightsError as err:
+                raise WeightsError(f"config.model.init: {err}") from None
         return model, *with_lora(cfg, trainable, frozen, jax.random.fold_in(rng, 1))
     if cfg.name == "sd":
         from bpgo_jax.models.sd.pipeline import sd_from_config
 
         return sd_from_config(cfg, rng, sharding_fn=sharding_fn)
-    raise ValueError(f"config.model.name={cfg.name!r} is not one of: tiny_unet, sd")
+    raise ConfigError(f"config.model.name={cfg.name!r} is not one of: tiny_unet, sd")
 
 
 def save_params(path: str | Path, trainable: Params, frozen: Params) -> None:
-    data = serialization.to_bytes({"trainable": trainable, "frozen": frozen})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(data)
+    """Writes `(trainable, frozen)` as one msgpack params file (read by `load_params`);
+    a write cut short leaves the previous file (see `weights.write_msgpack`)."""
+    weights.write_msgpack(path, {"trainable": trainable, "frozen": frozen})
 
 
 def load_params(path: str | Path, like: tuple[Params, Params]) -> tuple[Params, Params]:
-    """Reads `save_params` output into the structure of `like`, checking shapes."""
+    """Reads `save_params` output into the structure of `like`, checking every tensor's shape.
+
+    Raises `WeightsError` naming the file and what is wrong with it: missing,
+    a directory, a pickle / torch file, not msgpack, truncated, or the
+    params of another model or config (a missing, extra or mis-shaped tensor).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"weights file {path} does not exist")
-    target = {"trainable": like[0], "frozen": like[1]}
-    raw = serialization.msgpack_restore(path.read_bytes())
-    expected = jax.tree_util.tree_flatten_with_path(target)[0]
-    got = dict(jax.tree_util.tree_flatten_with_path(raw)[0])
-    for key_path, leaf in expected:
-        if key_path not in got:
-            raise ValueError(f"{path}: missing tensor {jax.tree_util.keystr(key_path)}")
-        if got[key_path].shape != leaf.shape:
-            raise ValueError(
-                f"{path}: tensor {jax.tree_util.keystr(key_path)} has shape "
-                f"{got[key_path].shape}, the model config expects {leaf.shape}"
-            )
-    out = serialization.from_state_dict(target, raw)
+    if path.is_dir():
+        raise WeightsError(
+            f"weights file {path} is a directory (the built-in model reads a .msgpack file; "
+            "diffusers folders are for model.name=sd)"
+        )
+    out = weights.load_msgpack(path, {"trainable": like[0], "frozen": like[1]})
     return out["trainable"], out["frozen"]

@@ -8,7 +8,6 @@ Stable Diffusion. Images are their own latents: `decode` maps [-1, 1] to [0, 1].
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,49 +16,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from bpgo_jax.errors import ConfigError
 from bpgo_jax.models import lora as lora_lib
 from bpgo_jax.models.interface import DiffusionModel
-from bpgo_jax.models.text import HashTokenizer
+from bpgo_jax.models.layers import timestep_embedding
+from bpgo_jax.models.text import HashTokenizer, TextEncoder
 
 Params = Any
-
-
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
-    """Sinusoidal embedding of (float) model timesteps, [B] -> [B, dim]."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t.astype(jnp.float32)[:, None] * freqs[None]
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
-class TextEncoder(nn.Module):
-    """Token + position embeddings and a few pre-LN transformer layers."""
-
-    vocab_size: int
-    max_length: int
-    width: int
-    depth: int
-    heads: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        mask = tokens != 0
-        x = nn.Embed(self.vocab_size, self.width, name="token_embedding")(tokens)
-        pos = self.param(
-            "position_embedding", nn.initializers.normal(0.02), (self.max_length, self.width)
-        )
-        x = (x + pos[None, : tokens.shape[1]]).astype(self.dtype)
-        attn_mask = nn.make_attention_mask(mask, mask)
-        for i in range(self.depth):
-            h = nn.LayerNorm(dtype=self.dtype, name=f"ln_attn_{i}")(x)
-            x = x + nn.MultiHeadDotProductAttention(self.heads, dtype=self.dtype, name=f"attn_{i}")(
-                h, h, mask=attn_mask
-            )
-            h = nn.LayerNorm(dtype=self.dtype, name=f"ln_mlp_{i}")(x)
-            h = nn.Dense(4 * self.width, dtype=self.dtype, name=f"mlp_in_{i}")(h)
-            x = x + nn.Dense(self.width, dtype=self.dtype, name=f"mlp_out_{i}")(nn.gelu(h))
-        return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x).astype(jnp.float32)
 
 
 class ResBlock(nn.Module):
@@ -193,13 +156,13 @@ def with_lora(
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ValueError unless the resolution divides into patches, then halves per level."""
+    """Raises ConfigError unless the resolution divides into patches, then halves per level."""
     patch = cfg.get("patch", 1)
     if not (isinstance(patch, int) and patch >= 1):
-        raise ValueError(f"model.patch={patch!r} must be an integer >= 1")
+        raise ConfigError(f"model.patch={patch!r} must be an integer >= 1")
     factor = patch * 2 ** (len(cfg.channels) - 1)
     if cfg.resolution % factor:
-        raise ValueError(
+        raise ConfigError(
             f"model.resolution={cfg.resolution} must be a multiple of model.patch * "
             f"2**(len(model.channels) - 1) = {factor}"
         )

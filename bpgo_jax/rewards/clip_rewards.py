@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bpgo_jax.errors import ConfigError, WeightsError
 from bpgo_jax.models.clip import (
     CLIPModel,
     l2_normalize,
@@ -35,7 +36,8 @@ from bpgo_jax.models.clip import (
     load_openclip,
     preprocess_images,
 )
-from bpgo_jax.models.clip.weights import open_tensors
+from bpgo_jax.models.text import PretrainedTokenizer, Tokenizer
+from bpgo_jax.models.weights import open_tensors
 from bpgo_jax.rewards.base import Reward, register
 
 Prepare = Callable[[Sequence[str], Sequence[dict]], dict[str, np.ndarray]]
@@ -44,9 +46,9 @@ Prepare = Callable[[Sequence[str], Sequence[dict]], dict[str, np.ndarray]]
 def _require_path(cfg: ml_collections.ConfigDict, key: str, reward: str, what: str) -> str:
     path = cfg.get(key)
     if not path:
-        raise ValueError(f"reward {reward!r} needs cfg.{key}: {what}")
+        raise ConfigError(f"reward {reward!r} needs cfg.{key}: {what}")
     if not os.path.exists(path):
-        raise ValueError(f"reward {reward!r}: cfg.{key}={path!r} does not exist")
+        raise WeightsError(f"reward {reward!r}: cfg.{key}={path!r} does not exist")
     return path
 
 
@@ -54,22 +56,12 @@ def _dtype(cfg: ml_collections.ConfigDict):
     return jnp.dtype(cfg.get("dtype", "float32"))
 
 
-def clip_tokenizer_prepare(path: str, max_length: int) -> Prepare:
-    """Host-side `prepare`: transformers `CLIPTokenizer` -> `{"input_ids": int32 [B, L]}`."""
-    from transformers import CLIPTokenizer  # host-only; keeps module import light
-
-    tokenizer = CLIPTokenizer.from_pretrained(path)
+def tokenizer_prepare(tokenizer: Tokenizer) -> Prepare:
+    """Host-side `prepare`: prompts -> `{"input_ids": int32 [B, L]}` (metadata unused)."""
 
     def prepare(prompts: Sequence[str], metadata: Sequence[dict]) -> dict[str, np.ndarray]:
         del metadata
-        ids = tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=max_length,
-            truncation=True,
-            return_tensors="np",
-        )["input_ids"]
-        return {"input_ids": ids.astype(np.int32)}
+        return {"input_ids": tokenizer(prompts)}
 
     return prepare
 
@@ -93,7 +85,8 @@ def _clip_reward(
     def fn(params, images: jax.Array, aux: dict) -> jax.Array:
         return score(params, clip_cosine(module, params, images, aux["input_ids"]))
 
-    prepare = clip_tokenizer_prepare(tokenizer_path, module.cfg.text.max_position_embeddings)
+    tokenizer = PretrainedTokenizer(tokenizer_path, module.cfg.text.max_position_embeddings)
+    prepare = tokenizer_prepare(tokenizer)
     return Reward(name=name, jittable=True, fn=fn, params=params, prepare=prepare)
 
 
@@ -150,17 +143,17 @@ def load_aesthetic_head(path: str) -> list[dict[str, jax.Array]]:
         for key in reader:
             m = _HEAD_KEY.match(key)
             if m is None:
-                raise ValueError(f"unexpected tensor {key!r} in aesthetic head {path!r}")
+                raise WeightsError(f"unexpected tensor {key!r} in aesthetic head {path!r}")
             found.setdefault(int(m[1]), {})[m[2]] = reader.get(key)
     layers, width = [], None
     for index in sorted(found):
         tensors = found[index]
         for part in ("weight", "bias"):
             if part not in tensors:
-                raise ValueError(f"missing tensor 'layers.{index}.{part}' in {path!r}")
+                raise WeightsError(f"missing tensor 'layers.{index}.{part}' in {path!r}")
         w, b = tensors["weight"], tensors["bias"]
         if w.ndim != 2 or b.shape != (w.shape[0],) or (width is not None and w.shape[1] != width):
-            raise ValueError(
+            raise WeightsError(
                 f"aesthetic head layer {index} has weight {w.shape} / bias {b.shape}, "
                 f"expected [out, {width or 'in'}] / [out]"
             )
@@ -169,7 +162,7 @@ def load_aesthetic_head(path: str) -> list[dict[str, jax.Array]]:
             {"kernel": jnp.asarray(w.T, jnp.float32), "bias": jnp.asarray(b, jnp.float32)}
         )
     if not layers or width != 1:
-        raise ValueError(f"aesthetic head {path!r} must end in a Linear(., 1), got width {width}")
+        raise WeightsError(f"aesthetic head {path!r} must end in a Linear(., 1), got width {width}")
     return layers
 
 

@@ -1,10 +1,11 @@
 """WorldCLIP: a small CLIP-like image-text reward model for the built-in world.
 
-A conv image tower and a one-layer transformer text tower (over
-`HashTokenizer` ids) map into a joint space; the reward is
-`sigmoid(exp(logit_scale) * cosine + logit_bias)` in [0, 1], exactly what the
-SigLIP pairwise sigmoid loss trains. It is trained briefly on world pairs so
-that, like real reward models, it is correlated with the truth but uncertain.
+A conv image tower and a one-layer transformer text tower (the built-in
+`TextEncoder` over `HashTokenizer` ids, pooled and projected) map into a joint
+space; the reward is `sigmoid(exp(logit_scale) * cosine + logit_bias)` in
+[0, 1], exactly what the SigLIP pairwise sigmoid loss trains. It is trained
+briefly on world pairs so that, like real reward models, it is correlated with
+the truth but uncertain.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization
 
-from bpgo_jax.models.text import PAD_ID, HashTokenizer
+from bpgo_jax.errors import WeightsError
+from bpgo_jax.models.text import HashTokenizer, TextEncoder
+from bpgo_jax.models.weights import load_msgpack, write_msgpack
 from bpgo_jax.world.scenes import IMAGE_SIZE
 
 Params = Any
@@ -79,47 +81,19 @@ class ImageTower(nn.Module):
         return nn.Dense(self.embed_dim, name="proj")(x)
 
 
-class TextTower(nn.Module):
-    """Token + position embeddings, pre-LN transformer layers, masked mean pool."""
-
-    vocab_size: int
-    max_length: int
-    width: int
-    depth: int
-    heads: int
-    embed_dim: int
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        mask = tokens != PAD_ID
-        x = nn.Embed(self.vocab_size, self.width, name="token_embedding")(tokens)
-        pos = self.param(
-            "position_embedding", nn.initializers.normal(0.02), (self.max_length, self.width)
-        )
-        x = x + pos[None, : tokens.shape[1]]
-        attn_mask = nn.make_attention_mask(mask, mask)
-        for i in range(self.depth):
-            h = nn.LayerNorm(name=f"ln_attn_{i}")(x)
-            x = x + nn.MultiHeadDotProductAttention(self.heads, name=f"attn_{i}")(
-                h, h, mask=attn_mask
-            )
-            h = nn.gelu(
-                nn.Dense(4 * self.width, name=f"mlp_in_{i}")(nn.LayerNorm(name=f"ln_mlp_{i}")(x))
-            )
-            x = x + nn.Dense(self.width, name=f"mlp_out_{i}")(h)
-        m = mask[..., None].astype(x.dtype)
-        pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-        return nn.Dense(self.embed_dim, name="proj")(nn.LayerNorm(name="ln_final")(pooled))
-
-
 class WorldCLIP(nn.Module):
     cfg: RewardModelConfig
 
     def setup(self):
         c = self.cfg
         self.image_tower = ImageTower(c.image_widths, c.image_hidden, c.embed_dim)
-        self.text_tower = TextTower(
-            c.vocab_size, c.max_length, c.text_width, c.text_depth, c.text_heads, c.embed_dim
+        self.text_tower = TextEncoder(
+            c.vocab_size,
+            c.max_length,
+            c.text_width,
+            c.text_depth,
+            c.text_heads,
+            embed_dim=c.embed_dim,
         )
         self.logit_scale = self.param(
             "logit_scale", nn.initializers.constant(c.init_logit_scale), ()
@@ -196,22 +170,25 @@ def tokenizer(cfg: RewardModelConfig) -> HashTokenizer:
 def save(path: str | Path, params: Params, cfg: RewardModelConfig) -> None:
     """Writes `path` (msgpack params) and `path` with suffix .json (the config)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(serialization.msgpack_serialize(jax.tree.map(np.asarray, params)))
+    write_msgpack(path, jax.tree.map(np.asarray, params))
     path.with_suffix(".json").write_text(cfg.to_json() + "\n")
 
 
 def load(path: str | Path | None = None) -> tuple[Params, RewardModelConfig]:
     """(params, config) from `path` (default: the shipped model)."""
     path = Path(path) if path else DEFAULT_PATH
-    if not path.is_file():
-        raise ValueError(f"reward model weights {str(path)!r} do not exist")
+    if not path.exists():
+        raise WeightsError(f"reward model weights {str(path)!r} do not exist")
     cfg_path = path.with_suffix(".json")
     if not cfg_path.is_file():
-        raise ValueError(f"reward model config {str(cfg_path)!r} does not exist")
-    cfg = RewardModelConfig.from_dict(json.loads(cfg_path.read_text()))
-    params = serialization.msgpack_restore(path.read_bytes())
-    return jax.tree.map(jnp.asarray, params), cfg
+        raise WeightsError(f"reward model config {str(cfg_path)!r} does not exist")
+    try:
+        cfg = RewardModelConfig.from_dict(json.loads(cfg_path.read_text()))
+    except (ValueError, TypeError) as err:  # JSON errors are ValueErrors
+        raise WeightsError(f"reward model config {str(cfg_path)!r}: {err}") from None
+    # Every tensor the config implies, with its shape, and no other.
+    like = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return jax.tree.map(jnp.asarray, load_msgpack(path, like)), cfg
 
 
 def batch_scorer(

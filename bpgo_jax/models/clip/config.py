@@ -8,8 +8,6 @@ may leave default-valued keys out of `config.json`.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
@@ -137,14 +135,6 @@ def clip_config_from_dict(raw: dict[str, Any]) -> ClipConfig:
             raw.get("logit_scale_init_value") or ClipConfig.logit_scale_init_value
         ),
     )
-
-
-def read_config(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"no config.json in CLIP folder {folder!r}")
-    with open(path) as f:
-        return json.load(f)
 
 
 def tower_config(raw: dict[str, Any], tower: str) -> TextConfig | VisionConfig:

@@ -1,32 +1,57 @@
 """Loaders for transformers `save_pretrained` CLIP folders (config.json + safetensors).
 
-Each loader accepts a tower folder (`CLIPTextModel[WithProjection]`,
+Each tower loader accepts a tower folder (`CLIPTextModel[WithProjection]`,
 `CLIPVisionModel[WithProjection]`) or a full `CLIPModel` folder, taking only
 the tensors its tower needs. `with_projection=None` uses the tower's
 projection exactly when the checkpoint contains it (so SD1/SD2 text encoders
 give the raw pooled state and SDXL's second encoder gives `text_embeds`).
+Files, names, layouts and placement are `bpgo_jax.models.weights`'; CLIP's
+rename rules are here.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax.numpy as jnp
 
+from bpgo_jax.models import weights
 from bpgo_jax.models.clip import config as config_lib
-from bpgo_jax.models.clip.convert import ShardingFn, expected_shapes, load_params
 from bpgo_jax.models.clip.modules import CLIPModel, CLIPTextModel, CLIPVisionModel
-from bpgo_jax.models.clip.weights import TensorReader, open_tensors
 
 _TEXT = ("text_model.", "text_projection.")
 _VISION = ("vision_model.", "visual_projection.")
 _TOP_LEVEL = (*_TEXT, *_VISION, "logit_scale")
+_TOWERS = {  # tower -> (module, its prefixes, the other tower's, its projection tensor)
+    "text": (CLIPTextModel, _TEXT, _VISION, "text_projection.weight"),
+    "vision": (CLIPVisionModel, _VISION, _TEXT, "visual_projection.weight"),
+}
 
 
-def _add_tower_prefix(prefix: str):
-    """transformers >= 5 saves bare tower models without their `text_model.` /
-    `vision_model.` prefix (older files and the *WithProjection classes keep it)."""
-    return lambda key: key if key.startswith(_TOP_LEVEL) else prefix + key
+def read_config(folder: str) -> dict[str, Any]:
+    return weights.read_json(os.path.join(folder, "config.json"))
+
+
+def clip_rename(key: str) -> str | None:
+    """Skips the `position_ids` buffer old checkpoints saved; other names are the module's."""
+    return None if key.endswith("position_ids") else key
+
+
+def tower_rename(own: tuple[str, str], other: tuple[str, ...], proj: bool) -> weights.Rename:
+    """One tower out of a tower or `CLIPModel` checkpoint.
+
+    transformers >= 5 saves bare tower models without their `text_model.` /
+    `vision_model.` prefix (older files and the *WithProjection classes keep
+    it); the other tower, `logit_scale` and an unused projection are skipped.
+    """
+    skip = (*other, "logit_scale", *(() if proj else (own[1],)))
+
+    def rename(key: str) -> str | None:
+        name = key if key.startswith(_TOP_LEVEL) else own[0] + key
+        return None if name.startswith(skip) else clip_rename(name)
+
+    return rename
 
 
 def text_inputs(cfg: config_lib.TextConfig):
@@ -37,74 +62,70 @@ def vision_inputs(cfg: config_lib.VisionConfig):
     return jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
 
 
-def _skip_for(own: tuple[str, str], other: tuple[str, ...], proj: bool) -> tuple[str, ...]:
-    """Prefixes to ignore: the other tower, `logit_scale`, and our projection if unused."""
-    return (*other, "logit_scale", *(() if proj else (own[1],)))
-
-
-def _with_projection(reader: TensorReader, name: str, with_projection: bool | None) -> bool:
-    return name in reader if with_projection is None else with_projection
+def _load_tower(
+    folder: str,
+    tower: str,
+    *,
+    dtype: Any,
+    sharding_fn: weights.ShardingFn | None,
+    with_projection: bool | None,
+) -> tuple[Any, dict]:
+    module_cls, own, other, proj_name = _TOWERS[tower]
+    cfg = config_lib.tower_config(read_config(folder), tower)
+    inputs = text_inputs(cfg) if tower == "text" else vision_inputs(cfg)
+    with weights.open_tensors(folder) as reader:
+        proj = proj_name in reader if with_projection is None else with_projection
+        module = module_cls(cfg, with_projection=proj, dtype=dtype)
+        params = weights.read_params(
+            reader,
+            weights.expected_shapes(module, inputs),
+            rename=tower_rename(own, other, proj),
+            dtype=dtype,
+            sharding_fn=sharding_fn,
+        )
+    return module, params
 
 
 def load_clip_text(
     folder: str,
     *,
     dtype: Any = jnp.float32,
-    sharding_fn: ShardingFn | None = None,
+    sharding_fn: weights.ShardingFn | None = None,
     with_projection: bool | None = None,
 ) -> tuple[CLIPTextModel, dict]:
     """`module.apply({"params": params}, input_ids) -> (last_hidden_state, pooled)`."""
-    cfg = config_lib.tower_config(config_lib.read_config(folder), "text")
-    with open_tensors(folder) as reader:
-        proj = _with_projection(reader, "text_projection.weight", with_projection)
-        module = CLIPTextModel(cfg, with_projection=proj, dtype=dtype)
-        expected = expected_shapes(module, text_inputs(cfg))
-        params = load_params(
-            reader,
-            expected,
-            skip=_skip_for(_TEXT, _VISION, proj),
-            rename=_add_tower_prefix("text_model."),
-            dtype=dtype,
-            sharding_fn=sharding_fn,
-        )
-    return module, params
+    return _load_tower(
+        folder, "text", dtype=dtype, sharding_fn=sharding_fn, with_projection=with_projection
+    )
 
 
 def load_clip_vision(
     folder: str,
     *,
     dtype: Any = jnp.float32,
-    sharding_fn: ShardingFn | None = None,
+    sharding_fn: weights.ShardingFn | None = None,
     with_projection: bool | None = None,
 ) -> tuple[CLIPVisionModel, dict]:
     """`module.apply({"params": params}, pixels_nhwc) -> (last_hidden_state, pooled)`."""
-    cfg = config_lib.tower_config(config_lib.read_config(folder), "vision")
-    with open_tensors(folder) as reader:
-        proj = _with_projection(reader, "visual_projection.weight", with_projection)
-        module = CLIPVisionModel(cfg, with_projection=proj, dtype=dtype)
-        expected = expected_shapes(module, vision_inputs(cfg))
-        params = load_params(
-            reader,
-            expected,
-            skip=_skip_for(_VISION, _TEXT, proj),
-            rename=_add_tower_prefix("vision_model."),
-            dtype=dtype,
-            sharding_fn=sharding_fn,
-        )
-    return module, params
+    return _load_tower(
+        folder, "vision", dtype=dtype, sharding_fn=sharding_fn, with_projection=with_projection
+    )
 
 
 def clip_module_and_shapes(cfg: config_lib.ClipConfig, dtype: Any) -> tuple[CLIPModel, dict]:
     module = CLIPModel(cfg, dtype=dtype)
-    return module, expected_shapes(module, text_inputs(cfg.text), vision_inputs(cfg.vision))
+    inputs = (text_inputs(cfg.text), vision_inputs(cfg.vision))
+    return module, weights.expected_shapes(module, *inputs)
 
 
 def load_clip(
-    folder: str, *, dtype: Any = jnp.float32, sharding_fn: ShardingFn | None = None
+    folder: str, *, dtype: Any = jnp.float32, sharding_fn: weights.ShardingFn | None = None
 ) -> tuple[CLIPModel, dict]:
     """A full transformers `CLIPModel`: `module.apply(v, input_ids, pixels)` gives logits."""
-    cfg = config_lib.clip_config_from_dict(config_lib.read_config(folder))
+    cfg = config_lib.clip_config_from_dict(read_config(folder))
     module, expected = clip_module_and_shapes(cfg, dtype)
-    with open_tensors(folder) as reader:
-        params = load_params(reader, expected, dtype=dtype, sharding_fn=sharding_fn)
+    with weights.open_tensors(folder) as reader:
+        params = weights.read_params(
+            reader, expected, rename=clip_rename, dtype=dtype, sharding_fn=sharding_fn
+        )
     return module, params

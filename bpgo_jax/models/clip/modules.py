@@ -2,7 +2,7 @@
 
 Submodule names mirror the transformers state-dict names (`text_model`,
 `encoder/layers_3/self_attn/q_proj`, `pre_layrnorm`, ...) so that weight
-conversion is a mechanical rename (see `convert.py`). Images enter as NHWC
+conversion is a mechanical rename (see `loaders.py`). Images enter as NHWC
 (the JAX convention), already resized and normalised (see `preprocess.py`).
 """
 
@@ -16,19 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from bpgo_jax.models.clip.config import ClipConfig, TextConfig, VisionConfig
+from bpgo_jax.models.layers import activation
 
 Dtype = Any
-
-
-def activation(name: str):
-    """transformers' ACT2FN for the activations CLIP checkpoints use."""
-    if name == "quick_gelu":  # OpenAI CLIP / SD1: x * sigmoid(1.702 x)
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    if name == "gelu":  # OpenCLIP / SD2: exact erf GELU
-        return functools.partial(jax.nn.gelu, approximate=False)
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return functools.partial(jax.nn.gelu, approximate=True)
-    raise ValueError(f"unsupported hidden_act={name!r}")
 
 
 class Attention(nn.Module):

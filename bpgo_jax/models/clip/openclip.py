@@ -1,11 +1,12 @@
 """OpenCLIP checkpoints (e.g. HPSv2's ViT-H-14) loaded into our `CLIPModel`.
 
 OpenCLIP stores fused attention `in_proj_weight` `[3D, D]`, projections as
-`x @ proj` matrices and its own names. `OpenClipReader` presents such a file
-under transformers names and layouts (splitting q/k/v, transposing the
-projections), so the transformers loader does the rest. The architecture is
-read from tensor shapes; only head counts are not visible in shapes and come
-from OpenCLIP's model configs (`_VISION_HEAD_WIDTH`) unless given.
+`x @ proj` matrices and its own names. `OpenClipReader`, a
+`weights.TensorView`, presents such a file under transformers names and
+layouts (splitting q/k/v, transposing the projections), so the one loader
+(`weights.read_params`) does the rest. The architecture is read from tensor
+shapes; only head counts are not visible in shapes and come from OpenCLIP's
+model configs (`_VISION_HEAD_WIDTH`) unless given.
 
 HPSv2 ships a pickle (`HPS_v2_compressed.pt`, a dict with `state_dict`);
 convert it once, where torch is installed:
@@ -18,17 +19,17 @@ convert it once, where torch is installed:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
+from bpgo_jax.errors import WeightsError
+from bpgo_jax.models import weights
 from bpgo_jax.models.clip.config import ClipConfig, TextConfig, VisionConfig
-from bpgo_jax.models.clip.convert import ShardingFn, load_params
 from bpgo_jax.models.clip.loaders import clip_module_and_shapes
 from bpgo_jax.models.clip.modules import CLIPModel
-from bpgo_jax.models.clip.weights import TensorReader, open_tensors
 
 # OpenCLIP vision towers use 64-wide heads except these (ViT-H, ViT-g, ViT-bigG).
 _VISION_HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
@@ -63,59 +64,51 @@ _RESBLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
 _IN_PROJ = re.compile(r"^attn\.in_proj_(weight|bias)$")
 _PARAM = re.compile(r"^(.+)\.(weight|bias)$")
 
-Getter = Callable[[], np.ndarray]
+
+def _transposed(arr: np.ndarray) -> np.ndarray:  # `x @ proj` [in, out] -> torch Linear [out, in]
+    return arr.T
 
 
-class OpenClipReader:
-    """An OpenCLIP state dict seen through transformers names (a `TensorReader`)."""
+def _qkv_part(i: int) -> Callable[[np.ndarray], np.ndarray]:  # row block i of fused [q; k; v]
+    return lambda arr: np.split(arr, 3, axis=0)[i]
 
-    def __init__(self, reader: TensorReader):
-        self.source = f"{reader.source} (OpenCLIP layout)"
-        self._reader = reader
+
+class OpenClipReader(weights.TensorView):
+    """An OpenCLIP state dict seen through transformers names and layouts."""
+
+    def __init__(self, reader: weights.TensorReader):
+        super().__init__(reader, f"{reader.source} (OpenCLIP layout)")
         self.raw: dict[str, str] = {}  # stripped OpenCLIP name -> stored name
-        self._get: dict[str, Getter] = {}
         for stored in reader:
             name = stored.removeprefix("module.")  # saved from DistributedDataParallel
             if name.endswith("attn_mask"):
                 continue  # a causal-mask buffer, not a weight
             self.raw[name] = stored
-            self._add(name, lambda s=stored: reader.get(s))
+            self._add(name, stored)
 
-    def _add(self, name: str, get: Getter) -> None:
+    def _add(self, name: str, stored: str) -> None:
         if name in _DIRECT:
-            self._get[_DIRECT[name]] = get
-        elif name in _TRANSPOSED:  # `x @ proj` [in, out] -> torch Linear [out, in]
-            self._get[_TRANSPOSED[name]] = lambda: get().T
+            self.add(_DIRECT[name], stored)
+        elif name in _TRANSPOSED:
+            self.add(_TRANSPOSED[name], stored, _transposed)
         elif m := _RESBLOCK.match(name):
             tower = "vision_model" if m[1] else "text_model"
             prefix = f"{tower}.encoder.layers.{m[2]}"
-            if in_proj := _IN_PROJ.match(m[3]):  # fused [q; k; v] rows
+            if in_proj := _IN_PROJ.match(m[3]):
                 for i, qkv in enumerate(("q_proj", "k_proj", "v_proj")):
-                    key = f"{prefix}.self_attn.{qkv}.{in_proj[1]}"
-                    self._get[key] = lambda i=i: np.split(get(), 3, axis=0)[i]
+                    self.add(f"{prefix}.self_attn.{qkv}.{in_proj[1]}", stored, _qkv_part(i))
             elif (p := _PARAM.match(m[3])) and p[1] in _BLOCK:
-                self._get[f"{prefix}.{_BLOCK[p[1]]}.{p[2]}"] = get
+                self.add(f"{prefix}.{_BLOCK[p[1]]}.{p[2]}", stored)
             else:
-                raise ValueError(f"unexpected tensor {name!r} in {self.source}")
+                raise WeightsError(f"unexpected tensor {name!r} in {self.source}")
         else:
-            raise ValueError(f"unexpected tensor {name!r} in {self.source}")
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._get)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._get
-
-    def get(self, name: str) -> np.ndarray:
-        if name not in self._get:
-            raise ValueError(f"missing tensor {name!r} in {self.source}")
-        return self._get[name]()
+            raise WeightsError(f"unexpected tensor {name!r} in {self.source}")
 
     def shape(self, openclip_name: str) -> tuple[int, ...]:
         """Shape of a tensor by its OpenCLIP name, in the OpenCLIP layout."""
         if openclip_name not in self.raw:
-            raise ValueError(f"missing tensor {openclip_name!r} in {self.source}")
-        return self._reader.shape(self.raw[openclip_name])
+            raise WeightsError(f"missing tensor {openclip_name!r} in {self.source}")
+        return self.reader.shape(self.raw[openclip_name])
 
     def num_layers(self, prefix: str) -> int:
         pattern = re.compile(rf"^{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
@@ -167,17 +160,17 @@ def load_openclip(
     vision_heads: int | None = None,
     hidden_act: str = "gelu",
     dtype: Any = jnp.float32,
-    sharding_fn: ShardingFn | None = None,
+    sharding_fn: weights.ShardingFn | None = None,
 ) -> tuple[CLIPModel, dict]:
     """An OpenCLIP `.safetensors` state dict -> our `CLIPModel` and its params.
 
     `hidden_act` is "gelu" for LAION-trained models, "quick_gelu" for OpenAI's.
     """
-    with open_tensors(path) as raw:
+    with weights.open_tensors(path) as raw:
         reader = OpenClipReader(raw)
         cfg = openclip_config(
             reader, text_heads=text_heads, vision_heads=vision_heads, hidden_act=hidden_act
         )
         module, expected = clip_module_and_shapes(cfg, dtype)
-        params = load_params(reader, expected, dtype=dtype, sharding_fn=sharding_fn)
+        params = weights.read_params(reader, expected, dtype=dtype, sharding_fn=sharding_fn)
     return module, params

@@ -12,8 +12,6 @@ than silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -233,10 +231,3 @@ def vae_config_from_dict(raw: dict[str, Any]) -> VAEConfig:
     if len(raw.get("down_block_types", cfg.block_out_channels)) != len(cfg.block_out_channels):
         raise ValueError("vae config: down_block_types and block_out_channels differ in length")
     return cfg
-
-
-def read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ValueError(f"missing file {path}")
-    with open(path) as f:
-        return json.load(f)

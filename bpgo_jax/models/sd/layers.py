@@ -15,20 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bpgo_jax.models.layers import activation
+
 Dtype = Any
-
-
-def activation(name: str):
-    """diffusers' `get_activation` for the names its configs use."""
-    if name in ("silu", "swish"):
-        return nn.silu
-    if name == "gelu":
-        return functools.partial(nn.gelu, approximate=False)
-    if name == "mish":
-        return lambda x: x * jnp.tanh(jax.nn.softplus(x))
-    if name == "relu":
-        return nn.relu
-    raise ValueError(f"unsupported activation {name!r}")
 
 
 def conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, padding=None):

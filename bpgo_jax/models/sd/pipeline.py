@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bpgo_jax.errors import ConfigError, WeightsError
 from bpgo_jax.models import lora as lora_lib
 from bpgo_jax.models.clip import CLIPTextModel
 from bpgo_jax.models.clip.config import text_config_from_dict
@@ -31,7 +31,7 @@ from bpgo_jax.models.sd.presets import preset
 from bpgo_jax.models.sd.scheduler import Scheduler, scheduler_from_dict
 from bpgo_jax.models.sd.unet import UNet2DConditionModel
 from bpgo_jax.models.sd.vae import AutoencoderKL
-from bpgo_jax.models.text import HashTokenizer
+from bpgo_jax.models.text import HashTokenizer, PretrainedTokenizer, Tokenizer
 
 Params = Any
 
@@ -44,26 +44,7 @@ class SDModules:
     vae: AutoencoderKL
     text: CLIPTextModel
     scheduler: Scheduler
-    tokenize: Callable[[Sequence[str]], np.ndarray]
-
-
-def clip_tokenizer(folder: str, max_length: int) -> Callable[[Sequence[str]], np.ndarray]:
-    """transformers' CLIPTokenizer from a `tokenizer/` folder, padded to `max_length`."""
-    import transformers  # host-only dependency, needed only for real checkpoints
-
-    tok = transformers.CLIPTokenizer.from_pretrained(folder)
-
-    def tokenize(prompts: Sequence[str]) -> np.ndarray:
-        ids = tok(
-            list(prompts),
-            padding="max_length",
-            max_length=max_length,
-            truncation=True,
-            return_tensors="np",
-        )["input_ids"]
-        return ids.astype(np.int32)
-
-    return tokenize
+    tokenize: Tokenizer
 
 
 def modules_from_configs(configs: dict, dtype: Any = jnp.float32) -> SDModules:
@@ -78,7 +59,7 @@ def modules_from_configs(configs: dict, dtype: Any = jnp.float32) -> SDModules:
     text_cfg = text_config_from_dict(dict(configs["text_encoder"]))
     tok_path = configs.get("tokenizer")
     if tok_path:
-        tokenize = clip_tokenizer(tok_path, text_cfg.max_position_embeddings)
+        tokenize = PretrainedTokenizer(tok_path, text_cfg.max_position_embeddings)
     else:
         tokenize = HashTokenizer(text_cfg.vocab_size, text_cfg.max_position_embeddings)
     return SDModules(
@@ -104,7 +85,7 @@ def _check_compatible(m: SDModules) -> None:
         )
 
 
-def build_model(
+def model_from_modules(
     m: SDModules, *, resolution: int | None = None, lora: LoraSpec | None = None
 ) -> DiffusionModel:
     """The `DiffusionModel` of modules `m` at image size `resolution` (default: native)."""
@@ -113,7 +94,7 @@ def build_model(
     size = resolution or u.sample_size * v.downscale
     multiple = v.downscale * 2**u.num_upsamplers
     if size % multiple:
-        raise ValueError(f"resolution={size} must be a multiple of {multiple} for this model")
+        raise ConfigError(f"resolution={size} must be a multiple of {multiple} for this model")
     latent_shape = (size // v.downscale, size // v.downscale, u.in_channels)
     dtype = m.unet.dtype
     tokens0 = jnp.zeros((1, m.text.cfg.max_position_embeddings), jnp.int32)
@@ -208,7 +189,9 @@ def sd_model(
             vae=ckpt.vae,
             text=ckpt.text,
             scheduler=ckpt.scheduler,
-            tokenize=clip_tokenizer(ckpt.tokenizer_path, ckpt.text.cfg.max_position_embeddings),
+            tokenize=PretrainedTokenizer(
+                ckpt.tokenizer_path, ckpt.text.cfg.max_position_embeddings
+            ),
         )
         params = ckpt.params
     else:
@@ -216,7 +199,7 @@ def sd_model(
     if scheduler_overrides:
         schedule = scheduler_from_dict({**mods.scheduler.to_dict(), **scheduler_overrides})
         mods = dataclasses.replace(mods, scheduler=schedule)
-    model = build_model(mods, resolution=resolution, lora=lora)
+    model = model_from_modules(mods, resolution=resolution, lora=lora)
     if params is None:
         trainable, frozen = model.init(rng)
     else:
@@ -255,7 +238,7 @@ def sd_from_config(
     init = cfg.get("init", "random")
     if init != "random":
         if not os.path.isdir(init):
-            raise ValueError(
+            raise WeightsError(
                 f"config.model.init={init!r} is neither 'random' nor a diffusers folder"
             )
         out = sd_model(init, variant=cfg.get("variant", None), sharding_fn=sharding_fn, **kw)
@@ -272,7 +255,7 @@ def _check_prediction_type(cfg: ml_collections.ConfigDict, actual: str) -> None:
     """A `config.model.prediction_type` that disagrees with the schedule would be ignored."""
     asked = cfg.get("prediction_type", None)
     if asked is not None and asked != actual:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.prediction_type={asked!r} is not used by SD: the scheduler config "
             f"decides ({actual!r}); drop the field, or set "
             "config.model.scheduler.prediction_type to change it"

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bpgo_jax.models.sd.config import read_json
+from bpgo_jax.models.weights import read_json
 from bpgo_jax.rollout import schedules
 
 BETA_SCHEDULES = schedules.BETA_SCHEDULES

@@ -9,40 +9,24 @@ converter renames mechanically and LoRA targets read like diffusers' names.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bpgo_jax.models.layers import activation, timestep_embedding
 from bpgo_jax.models.sd.config import UNetConfig
 from bpgo_jax.models.sd.layers import (
     Attention,
     Downsample2D,
     ResnetBlock2D,
     Upsample2D,
-    activation,
     conv,
     group_norm,
 )
 
 Dtype = Any
-
-
-def timestep_embedding(
-    t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10_000.0
-) -> jax.Array:
-    """diffusers `get_timestep_embedding` in float32: `[B] -> [B, dim]`."""
-    half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
-    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-    if flip_sin_to_cos:
-        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
-    if dim % 2:
-        emb = jnp.pad(emb, ((0, 0), (0, 1)))
-    return emb
 
 
 class GEGLU(nn.Module):
@@ -256,7 +240,9 @@ class UNet2DConditionModel(nn.Module):
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (b,))
         ch0 = cfg.block_out_channels[0]
         temb_dim = cfg.time_embedding_dim or 4 * ch0
-        emb = timestep_embedding(t, ch0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(self.dtype)
+        emb = timestep_embedding(
+            t, ch0, flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift
+        ).astype(self.dtype)
         emb = TimestepEmbedding(
             temb_dim, cfg.act_fn, cfg.timestep_post_act, self.dtype, name="time_embedding"
         )(emb)

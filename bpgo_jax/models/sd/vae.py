@@ -13,13 +13,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bpgo_jax.models.layers import activation
 from bpgo_jax.models.sd.config import VAEConfig
 from bpgo_jax.models.sd.layers import (
     Downsample2D,
     ResnetBlock2D,
     SpatialSelfAttention,
     Upsample2D,
-    activation,
     conv,
     group_norm,
 )
