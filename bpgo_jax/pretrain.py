@@ -2,17 +2,29 @@
 
 RL post-training needs a base model that already draws the world's scenes
 but often gets the caption wrong, so there is reward signal to learn from.
-This module holds the pure parts of making one: the host-side data batches
-(caption dropout included, so classifier-free guidance works later), the
-jitted flow-matching step over *all* parameters (the text encoder is only
-frozen during RL), and the held-out oracle evaluation with an RL sampler.
-`launch/pretrain.py` drives them.
+This module holds the data batches (caption dropout included, so
+classifier-free guidance works later), the jitted flow-matching step over
+*all* parameters (the text encoder is only frozen during RL), the held-out
+oracle evaluation with an RL sampler, and `train`, the loop
+`launch/pretrain.py` runs. The loop is one of the family of RL's
+(`bpgo_jax.train`): the same workdir checks and lock, config record,
+Orbax `Checkpointer` and `RunLogger`, so re-running with the same workdir
+resumes where it stopped and ends as an uninterrupted run does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -21,17 +33,33 @@ import ml_collections
 import numpy as np
 import optax
 from flax import traverse_util
+from tqdm import tqdm
 
+from bpgo_jax.checkpoint import (
+    atomic_write,
+    check_run_config,
+    config_record,
+    lock_workdir,
+    prepare_workdir,
+)
+from bpgo_jax.errors import ConfigError, DivergedError, Preempted, WeightsError
+from bpgo_jax.logs import RunLogger, captioned_grid, save_png
+from bpgo_jax.models import load_params, save_params
 from bpgo_jax.models.interface import DiffusionModel
+from bpgo_jax.models.tiny import tiny_model
+from bpgo_jax.parallel.mesh import batch_sharding, make_mesh, replicated
+from bpgo_jax.prompts import load_prompts
 from bpgo_jax.rollout.samplers import guided_prediction, make_sampler, sample
-from bpgo_jax.world import oracle
+from bpgo_jax.world import oracle, reward_model
 from bpgo_jax.world.data import sample_pairs
+
+log = logging.getLogger("bpgo_jax")
 
 Params = Any
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
-class TrainState(NamedTuple):
+class PretrainState(NamedTuple):
     """Everything the step updates; `params` = {"trainable": ..., "frozen": ...}."""
 
     params: Params
@@ -40,7 +68,7 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def pretrain_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW with linear warm-up, cosine decay and global-norm clipping.
 
     Weight decay skips vectors (biases, norm scales): decaying them only hurts.
@@ -95,13 +123,13 @@ def init_state(
     optimizer: optax.GradientTransformation,
     rng: jax.Array,
     params: tuple[Params, Params] | None = None,
-) -> TrainState:
+) -> PretrainState:
     """Fresh state from random weights, or from `params` = (trainable, frozen) to
     continue training earlier weights (optimizer moments restart)."""
     trainable, frozen = params if params is not None else model.init(rng)
     params = {"trainable": trainable, "frozen": frozen}
     ema = jax.tree.map(jnp.copy, params)  # own buffers: the step donates both
-    return TrainState(params, ema, optimizer.init(params), jnp.zeros((), jnp.int32))
+    return PretrainState(params, ema, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
 def sample_times(rng: jax.Array, n: int, kind: str, shift: float = 1.0) -> jax.Array:
@@ -172,20 +200,20 @@ def flow_matching_loss(
     return jnp.mean(jnp.square(velocity - target))
 
 
-def train_step(
+def pretrain_step(
     model: DiffusionModel,
     optimizer: optax.GradientTransformation,
     ema_decay: float,
     time_sampling: str,
     time_shift: float,
     guidance_scale: float,
-    state: TrainState,
+    state: PretrainState,
     images: jax.Array,
     tokens: jax.Array,
     rng: jax.Array,
     teacher: Params | None = None,
     empty_tokens: jax.Array | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
+) -> tuple[PretrainState, dict[str, jax.Array]]:
     """One AdamW step on the flow loss; the step's noise is `fold_in(rng, step)`."""
     key = jax.random.fold_in(rng, state.step)
     loss_fn = functools.partial(
@@ -202,17 +230,17 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
     ema = optax.incremental_update(params, state.ema, 1.0 - ema_decay)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-    return TrainState(params, ema, opt_state, state.step + 1), metrics
+    return PretrainState(params, ema, opt_state, state.step + 1), metrics
 
 
-def make_train_step(
+def make_pretrain_step(
     model: DiffusionModel,
     optimizer: optax.GradientTransformation,
     ema_decay: float = 0.0,
     time_sampling: str = "uniform",
     time_shift: float = 1.0,
     guidance_scale: float = 1.0,
-) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+) -> Callable[..., tuple[PretrainState, dict[str, jax.Array]]]:
     """`step(state, images, tokens, rng[, teacher, empty_tokens]) -> (state, metrics)`.
 
     Jitted, state donated. Given `teacher` params and the empty prompt's
@@ -228,7 +256,7 @@ def make_train_step(
     if guidance_scale < 1.0:
         raise ValueError(f"guidance_scale={guidance_scale} must be >= 1")
     step = functools.partial(
-        train_step, model, optimizer, ema_decay, time_sampling, time_shift, guidance_scale
+        pretrain_step, model, optimizer, ema_decay, time_sampling, time_shift, guidance_scale
     )
     return jax.jit(step, donate_argnums=(0,))
 
@@ -321,3 +349,371 @@ def pick_checkpoint(evals: Sequence[Mapping[str, Any]], max_accuracy: float) -> 
         raise ValueError("pick_checkpoint needs at least one evaluation")
     ok = [e for e in evals if e["oracle_accuracy"] <= max_accuracy]
     return ok[-1] if ok else evals[0]
+
+
+# ------------------------------------------------------------------ the loop
+METRICS_FILE = "pretrain_metrics.jsonl"
+# Fields of configs/pretrain.py that may change when a run resumes: they
+# change what is written or how it is batched, not the trained weights or
+# the evaluations (`evaluate_oracle` does not depend on its batch size).
+NEUTRAL_FIELDS = (
+    "log_every",
+    "export_dir",
+    "eval.num_images",
+    "eval.batch_size",
+    "checkpoint.*",
+    "log.*",
+)
+# An Orbax checkpoint is written at every evaluation (and on SIGTERM); a
+# config's optional `checkpoint` block overrides these.
+CHECKPOINT_DEFAULTS = {"keep": 2, "use_async": True}
+
+
+@dataclasses.dataclass
+class Progress:
+    """The host side of a pre-training run, checkpointed beside `PretrainState`."""
+
+    step: int = 0  # steps done
+    data_rng: dict | None = None  # the batch generator's state (numpy bit generator)
+    evals: list[dict] = dataclasses.field(default_factory=list)
+    last_loss: float | None = None  # the latest logged loss
+    seconds: float = 0.0  # training time of every run of this workdir
+    stopped: bool = False  # an evaluation reached eval.stop_accuracy
+
+
+def image_model_block(cfg: ml_collections.ConfigDict) -> dict:
+    """`config.model` as configs/image.py spells it (init: where the weights ship)."""
+    return cfg.model.to_dict() | {"init": "bpgo_jax/world/assets/generator.msgpack"}
+
+
+def run_lineage(init: str) -> list[dict]:
+    """Earlier runs behind `init` (a WORKDIR/checkpoints/step_N.msgpack), oldest first.
+
+    Read from each run's WORKDIR/run.json (or an exported generator's
+    generator.json), so a model trained in several continued runs ships with
+    every command that made it.
+    """
+    if init == "random":
+        return []
+    path = Path(init)
+    run_file = path.resolve().parent.parent / "run.json"  # (parents[1] fails near the root)
+    shipped = path.with_suffix(".json")  # an exported generator records its own lineage
+    if not run_file.is_file() and shipped.is_file():
+        info = json.loads(shipped.read_text())
+        return info["continues"] + [{"command": info["command"], "steps": info["steps"]}]
+    if not run_file.is_file():
+        return [{"init": init}]
+    prev = json.loads(run_file.read_text())
+    steps = int(path.stem.removeprefix("step_")) if path.stem.startswith("step_") else None
+    return prev["lineage"] + [{"command": prev["command"], "steps": steps}]
+
+
+def text_init_record(cfg: ml_collections.ConfigDict) -> dict | None:
+    """Where a fresh generator's text encoder came from, with the command that
+    trained that tower when its workdir has one (launch/train_reward_model.py)."""
+    if not cfg.text_init or cfg.model.init != "random":
+        return None
+    run_file = Path(cfg.text_init).resolve().parent / "run.json"
+    command = json.loads(run_file.read_text())["command"] if run_file.is_file() else None
+    return {"path": cfg.text_init, "command": command}
+
+
+def export_path(workdir: Path, step: int) -> Path:
+    """The EMA weights evaluated at `step` (what `pick_checkpoint` chooses among)."""
+    return workdir / "checkpoints" / f"step_{step}.msgpack"
+
+
+def save_params_atomic(path: Path, trainable: Params, frozen: Params) -> None:
+    """`models.save_params` through a temporary file: a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_params(tmp, trainable, frozen)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def sigterm_flag() -> Iterator[Callable[[], bool]]:
+    """`preempted()` turns True once SIGTERM arrives (main thread only; elsewhere never)."""
+    got = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield got.is_set
+        return
+
+    def handler(signum, frame):
+        del signum, frame
+        log.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
+        got.set()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield got.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(
+    cfg: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    command: str,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
+    """Pre-trains the generator of `cfg` (configs/pretrain.py) in `workdir`.
+
+    Writes WORKDIR/pretrain_metrics.jsonl (loss every `log_every` steps,
+    held-out oracle accuracy at every evaluation), checkpoints/ (an Orbax
+    checkpoint and the EMA weights, step_N.msgpack, at every evaluation),
+    run.json (`command` and the runs behind `model.init`), and the shipped
+    pick as generator.msgpack + generator.json + samples.png (also into
+    `export_dir` when set). Re-running with the same workdir resumes from its
+    latest checkpoint and ends with the weights and metrics an uninterrupted
+    run gives; SIGTERM saves a checkpoint after the current step and raises
+    `errors.Preempted` (the first loss row after that resume averages only
+    the steps since it). `model.init` and `text_init` start a fresh workdir
+    only: one with a checkpoint resumes it. Returns generator.json's record.
+    """
+    workdir = prepare_workdir(workdir)
+    with lock_workdir(workdir):
+        check_run_config(workdir, cfg, allow_change=allow_config_change, neutral=NEUTRAL_FIELDS)
+        return _train(cfg, workdir, command)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: Path, command: str) -> dict[str, Any]:
+    from bpgo_jax.checkpoint import Checkpointer  # (Orbax takes seconds to import)
+
+    # One data axis over every device: each step's batch is split over them
+    # and the parameters replicated (the model is small).
+    mesh = make_mesh((-1,), ("data",))
+    for field, size in (("train", cfg.train.batch_size), ("eval", cfg.eval.batch_size)):
+        if size % mesh.size:
+            raise ConfigError(
+                f"config.{field}.batch_size={size} is not divisible by the {mesh.size} devices"
+            )
+    shard, replicate = batch_sharding(mesh), replicated(mesh)
+    if cfg.model.name != "tiny_unet":
+        raise ConfigError(f"config.model.name={cfg.model.name!r}: only tiny_unet is pre-trained")
+    try:
+        model = tiny_model(cfg.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    lineage = run_lineage(cfg.model.init)
+    atomic_write(
+        workdir / "run.json", json.dumps({"command": command, "lineage": lineage}, indent=1) + "\n"
+    )
+
+    tc = cfg.train
+    optimizer = pretrain_optimizer(tc)
+    rng = jax.random.key(cfg.seed)
+    # The structure loaded weights must have (shapes only: a bad file fails at once).
+    abstract = jax.eval_shape(model.init, rng)
+
+    def load(field: str, path: str):
+        try:
+            return load_params(path, abstract)
+        except ValueError as err:
+            raise WeightsError(f"config.{field}: {err}") from err
+
+    if cfg.model.init != "random":  # continue from earlier weights (a checkpoint)
+        start_params = load("model.init", cfg.model.init)
+    elif cfg.text_init:  # a fresh UNet over a CLIP-like model's text tower
+        try:
+            tower = reward_model.load(cfg.text_init)[0].get("text_tower")
+            if tower is None:
+                raise ValueError("no text_tower in it: not a WorldCLIP model")
+            trainable, frozen = model.init(rng)
+            start_params = (trainable, {"text": text_from_clip(frozen["text"], tower)})
+        except ValueError as err:
+            raise ConfigError(f"config.text_init={cfg.text_init!r}: {err}") from err
+    else:
+        start_params = model.init(rng)
+    state = jax.device_put(init_state(model, optimizer, rng, start_params), replicate)
+    step_fn = make_pretrain_step(
+        model, optimizer, tc.ema_decay, tc.time_sampling, tc.time_shift, cfg.distill.guidance_scale
+    )
+    distill = {}
+    if cfg.distill.teacher:  # guidance distillation: the teacher's guided velocity is the target
+        t_trainable, t_frozen = load("distill.teacher", cfg.distill.teacher)
+        distill = {
+            "teacher": {"trainable": t_trainable, "frozen": t_frozen},
+            "empty_tokens": model.tokenize([""]),
+        }
+        distill = jax.device_put(distill, replicate)
+    step_rng = jax.random.key(cfg.seed + 1)
+    data_rng = np.random.default_rng(cfg.seed)
+
+    heldout = load_prompts(cfg.eval.prompts_path)
+    prompts = list(heldout.prompts)
+    constraints = [m["constraints"] for m in heldout.metadata]
+    compiled = make_generate(model, cfg.sample)
+
+    def generate(trainable, frozen, tokens, keys):
+        return compiled(trainable, frozen, *jax.device_put((tokens, keys), shard))
+
+    def evaluate(ema, n):
+        return evaluate_oracle(
+            model,
+            ema["trainable"],
+            ema["frozen"],
+            cfg.sample,
+            prompts[:n],
+            constraints[:n],
+            seed=cfg.eval.seed,
+            batch_size=cfg.eval.batch_size,
+            generate=generate,
+        )
+
+    ckpt_cfg = {**CHECKPOINT_DEFAULTS, **(cfg.get("checkpoint") or {})}
+    ckpt = Checkpointer(
+        workdir / "checkpoints", keep=ckpt_cfg["keep"], use_async=ckpt_cfg["use_async"]
+    )
+    logger = RunLogger(
+        workdir, cfg.get("log"), run_config=config_record(cfg), metrics_file=METRICS_FILE
+    )
+    try:
+        # The state is replicated over the data-parallel mesh, so its host copy
+        # is all of it: saved as host arrays, a checkpoint skips Orbax's
+        # per-device bookkeeping (seconds per save for ~700 small tensors).
+        progress = Progress()
+        host_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        restored = ckpt.restore_latest(host_like)
+        if restored is not None:
+            _, host_state, meta = restored
+            state = jax.device_put(host_state, replicate)
+            progress = Progress(**{f.name: meta[f.name] for f in dataclasses.fields(Progress)})
+            data_rng.bit_generator.state = progress.data_rng
+            log.info("resumed %s at step %d", workdir, progress.step)
+        # Rows of steps after the checkpoint are computed again (all rows without one).
+        logger.truncate_after(progress.step + 1, key="step")
+
+        def save_checkpoint() -> None:
+            progress.data_rng = data_rng.bit_generator.state
+            ckpt.save(
+                progress.step, jax.device_get(state), dataclasses.asdict(progress), force=True
+            )
+
+        window, start = [], time.time() - progress.seconds
+        first = tc.steps + 1 if progress.stopped else progress.step + 1  # (empty when done)
+        with sigterm_flag() as preempted:
+            bar = tqdm(
+                range(first, tc.steps + 1),
+                desc="pretrain",
+                initial=first - 1,
+                total=tc.steps,
+                dynamic_ncols=True,
+            )
+            for step in bar:
+                batch = sample_batch(
+                    data_rng,
+                    tc.batch_size,
+                    model.tokenize,
+                    cfg.data.caption_dropout,
+                    cfg.data.split,
+                )
+                images, tokens = jax.device_put((batch["images"], batch["tokens"]), shard)
+                state, metrics = step_fn(state, images, tokens, step_rng, **distill)
+                progress.step = step
+                window.append(metrics)
+                if step % cfg.log_every == 0 or step == tc.steps:
+                    got = jax.device_get(window)
+                    loss = float(np.mean([m["loss"] for m in got]))
+                    if not np.isfinite(loss):
+                        raise DivergedError(
+                            f"pre-training loss is {loss} at step {step}; the last checkpoint "
+                            f"is in {ckpt.directory}"
+                        )
+                    window = []
+                    progress.seconds = time.time() - start
+                    record = {"step": step, "loss": loss, "seconds": round(progress.seconds, 1)}
+                    record["grad_norm"] = float(np.mean([m["grad_norm"] for m in got]))
+                    ckpt.wait()  # a failed checkpoint save stops the run here
+                    logger.metrics(record)
+                    progress.last_loss = loss
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if step % cfg.eval.every == 0 or step == tc.steps:
+                    acc = float(evaluate(state.ema, cfg.eval.num_prompts)[0])
+                    save_params_atomic(
+                        export_path(workdir, step), state.ema["trainable"], state.ema["frozen"]
+                    )
+                    progress.seconds = time.time() - start
+                    record = {"step": step, "oracle_accuracy": acc, "seconds": progress.seconds}
+                    progress.evals.append(record | {"loss": progress.last_loss})
+                    ckpt.wait()
+                    logger.metrics(record)
+                    n = cfg.eval.num_prompts
+                    tqdm.write(f"step {step}: held-out oracle accuracy {acc:.3f} ({n})")
+                    # Good enough: more only eats RL headroom.
+                    progress.stopped = acc >= cfg.eval.stop_accuracy
+                    save_checkpoint()
+                    if progress.stopped:
+                        break
+                elif preempted():
+                    progress.seconds = time.time() - start
+                    save_checkpoint()
+                if preempted():
+                    ckpt.wait()
+                    raise Preempted(f"checkpoint of step {step} saved in {ckpt.directory}")
+        ckpt.wait()
+
+        return _ship(cfg, workdir, command, lineage, progress, state, evaluate, prompts)
+    finally:
+        try:
+            ckpt.close()
+        finally:
+            logger.close()
+
+
+def _ship(
+    cfg: ml_collections.ConfigDict,
+    workdir: Path,
+    command: str,
+    lineage: list[dict],
+    progress: Progress,
+    state: PretrainState,
+    evaluate: Callable[[Params, int], tuple[float, np.ndarray, np.ndarray]],
+    prompts: Sequence[str],
+) -> dict[str, Any]:
+    """Evaluates the picked checkpoint on `eval.final_num_prompts` and writes
+    generator.msgpack, generator.json and samples.png (and the export copies)."""
+    tc = cfg.train
+    chosen = pick_checkpoint(progress.evals, cfg.eval.max_accuracy)
+    ema = (state.ema["trainable"], state.ema["frozen"])
+    trainable, frozen = load_params(export_path(workdir, chosen["step"]), ema)
+    n = min(cfg.eval.final_num_prompts, len(prompts))
+    acc, ok, images = evaluate({"trainable": trainable, "frozen": frozen}, n)
+    k = min(cfg.eval.num_images, n)
+    labels = [f"{'OK' if o else '--'} {p}" for o, p in zip(ok[:k], prompts[:k], strict=True)]
+    save_png(workdir / "samples.png", captioned_grid(images[:k], labels))
+    save_params_atomic(workdir / "generator.msgpack", trainable, frozen)
+    info = {
+        "model": image_model_block(cfg),
+        "command": command,
+        "continues": lineage,
+        "steps": chosen["step"],
+        "steps_all_runs": chosen["step"] + sum(r.get("steps") or 0 for r in lineage),
+        "total_steps": tc.steps,
+        "batch_size": tc.batch_size,
+        "final_loss": chosen["loss"],
+        "heldout_oracle_accuracy": acc,
+        "heldout_num_prompts": n,
+        "heldout_prompts": Path(cfg.eval.prompts_path).name,
+        "eval_seed": cfg.eval.seed,
+        "sampler": {
+            k: cfg.sample[k]
+            for k in ("kind", "num_steps", "noise", "noise_level", "shift", "guidance_scale")
+        },
+        "weights": f"EMA (decay {tc.ema_decay:g})",
+        "text_init": text_init_record(cfg),
+        "distilled_from": (
+            {"teacher": cfg.distill.teacher, "guidance_scale": cfg.distill.guidance_scale}
+            if cfg.distill.teacher
+            else None
+        ),
+        "train_seconds": round(progress.evals[-1]["seconds"], 1),
+        "evaluations": [{k: e[k] for k in ("step", "oracle_accuracy")} for e in progress.evals],
+    }
+    atomic_write(workdir / "generator.json", json.dumps(info, indent=1) + "\n")
+    if cfg.export_dir:
+        export = Path(cfg.export_dir)
+        export.mkdir(parents=True, exist_ok=True)
+        for name in ("generator.msgpack", "generator.json"):
+            atomic_write(export / name, (workdir / name).read_bytes())
+    return info

@@ -1,49 +1,66 @@
-"""Orbax checkpoints of the whole run: device state plus host-side metadata.
+"""Orbax checkpoints of a whole run: device state plus host-side metadata.
 
-The device state (`TrainState`: params, optimiser, EMA, priors, RNG, step) is
-saved asynchronously; the host metadata (epoch, data position, samples seen,
-fault counters, host-side trackers) goes beside it as JSON. Restoring takes
-the target shardings from an abstract state, so a run can resume on another
-mesh shape.
+The device state (the RL `TrainState`, the pre-training `PretrainState`, or
+any pytree of arrays) is saved asynchronously; the host metadata (epoch or
+step, data position, counters, trackers) goes beside it as JSON. Restoring
+takes the target shardings from an abstract state, so a run can resume on
+another mesh shape; leaves of the target that are `orbax.checkpoint.PLACEHOLDER`
+are not read.
+
+Nothing written is lost silently:
+
+- `keep` < 1 is refused (Orbax would delete every checkpoint, the final one too).
+- A save that fails (a full disk, an unwritable directory) raises one-line
+  `WorkdirError` naming the step directory at the next `wait()`, `save()` or
+  `close()`. Saves overlap the next epoch's compute, so a loop calls
+  `wait()` once per epoch, just before writing that epoch's metrics row:
+  by then the save has normally finished, and a failed save stops the run
+  before any row is written past the last good checkpoint. Older
+  checkpoints are never deleted for a save that failed.
+- `restore_latest` falls back from a damaged checkpoint (truncated or missing
+  files, an empty metadata file) to the newest readable one, and moves the
+  damaged ones aside as `<step>.damaged` (not deleted; Orbax ignores them,
+  and later saves of that step do not collide).
+
+The workdir helpers (directory checks, the lock, the run's config record)
+live in `bpgo_jax.checkpoint.workdir` and are re-exported here.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import orbax.checkpoint as ocp
+from bpgo_jax.checkpoint.workdir import (
+    RUN_NEUTRAL_FIELDS,
+    WorkdirLock,
+    atomic_write,
+    check_run_config,
+    config_record,
+    has_checkpoint,
+    lock_workdir,
+    prepare_workdir,
+)
+
+if TYPE_CHECKING:
+    from bpgo_jax.checkpoint.checkpointer import Checkpointer
+
+__all__ = [
+    "RUN_NEUTRAL_FIELDS",
+    "Checkpointer",
+    "WorkdirLock",
+    "atomic_write",
+    "check_run_config",
+    "config_record",
+    "has_checkpoint",
+    "lock_workdir",
+    "prepare_workdir",
+]
 
 
-class Checkpointer:
-    def __init__(self, directory: str | Path, *, keep: int, use_async: bool = True):
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=use_async, create=True
-        )
-        self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+def __getattr__(name: str) -> Any:
+    # Orbax takes seconds to import: only code that checkpoints pays for it.
+    if name == "Checkpointer":
+        from bpgo_jax.checkpoint.checkpointer import Checkpointer
 
-    def latest(self) -> int | None:
-        return self._manager.latest_step()
-
-    def save(self, epoch: int, state: Any, meta: dict, *, force: bool = False) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._manager.save(epoch, args=args, force=force)
-
-    def restore(self, epoch: int, like: Any) -> tuple[Any, dict]:
-        """Restores onto the shapes, dtypes and shardings of the arrays in `like`."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        out = self._manager.restore(
-            epoch,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-            ),
-        )
-        return out.state, dict(out.meta)
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        return Checkpointer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,13 +26,13 @@ oracle's verdict).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from absl import flags
 from ml_collections import config_flags
 
 from bpgo_jax import runtime
+from bpgo_jax.errors import ConfigError, UserError, WeightsError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pre-training config.", lock_config=True)
 _WEIGHTS = flags.DEFINE_string("weights", None, "Generator weights (.msgpack).")
@@ -48,10 +48,9 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
     import numpy as np
-    from PIL import Image
 
     from bpgo_jax import pretrain
-    from bpgo_jax.logs import captioned_grid
+    from bpgo_jax.logs import captioned_grid, save_png
     from bpgo_jax.models import load_params
     from bpgo_jax.models.tiny import tiny_model
     from bpgo_jax.prompts import load_prompts
@@ -60,20 +59,23 @@ def main(argv: list[str]) -> None:
 
     cfg = _CONFIG.value
     if not Path(_WEIGHTS.value).is_file():
-        sys.exit(f"error: --weights={_WEIGHTS.value!r} is not a file")
+        raise WeightsError(f"--weights={_WEIGHTS.value!r} is not a file")
     if _NUM.value < 1 or _GROUP.value < 1:
-        sys.exit(f"error: --num_prompts={_NUM.value} and --group_size={_GROUP.value} must be >= 1")
+        raise UserError(f"--num_prompts={_NUM.value} and --group_size={_GROUP.value} must be >= 1")
     try:
         model = tiny_model(cfg.model)
     except ValueError as err:
-        sys.exit(f"error: {err}")
-    try:
-        trainable, frozen = load_params(_WEIGHTS.value, model.init(jax.random.key(0)))
+        raise ConfigError(str(err)) from err
+    try:  # (shapes only: a file of another layout fails before anything compiles)
+        like = jax.eval_shape(model.init, jax.random.key(0))
+        trainable, frozen = load_params(_WEIGHTS.value, like)
     except ValueError as err:
-        sys.exit(f"error: --weights: {err} (give the --config.model.* sizes it was trained with)")
+        raise WeightsError(
+            f"--weights: {err} (give the --config.model.* sizes it was trained with)"
+        ) from err
     prompt_set = load_prompts(_PROMPTS.value or cfg.eval.prompts_path)
     if not all("constraints" in m for m in prompt_set.metadata):
-        sys.exit("error: the prompt file needs world metadata ('constraints'), e.g. a world .jsonl")
+        raise UserError("the prompt file needs world metadata ('constraints'), e.g. a world .jsonl")
     n, g = min(_NUM.value, len(prompt_set.prompts)), _GROUP.value
     prompts = [p for p in prompt_set.prompts[:n] for _ in range(g)]
     constraints = [m["constraints"] for m in prompt_set.metadata[:n] for _ in range(g)]
@@ -90,7 +92,7 @@ def main(argv: list[str]) -> None:
     if _GRID.value:
         k = min(cfg.eval.num_images, n * g)
         labels = [f"{'OK' if o else '--'} {p}" for o, p in zip(ok[:k], prompts[:k], strict=True)]
-        Image.fromarray(captioned_grid(images[:k], labels)).save(_GRID.value)
+        save_png(_GRID.value, captioned_grid(images[:k], labels))
     result = {
         "weights": _WEIGHTS.value,
         "prompts": Path(_PROMPTS.value or cfg.eval.prompts_path).name,

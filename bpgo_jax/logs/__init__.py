@@ -1,105 +1,127 @@
-"""Run logs: metrics.jsonl, TensorBoard scalars and captioned image grids.
+"""Run logs: one `RunLogger` over the metrics writers a config asks for.
 
-Only process 0 writes. Each epoch is one JSON line in `WORKDIR/metrics.jsonl`,
-the file users plot from; TensorBoard gets the same scalars plus image grids
-whose tiles carry their prompts.
+Every run writes WORKDIR/metrics.jsonl (one JSON object per row, the file
+users plot from) and the newest image grid of each tag as
+WORKDIR/<tag>_latest.png; `log.tensorboard` adds TensorBoard event files and
+`log.wandb.enabled` a Weights & Biases run, both with the same rows and grids.
+Each backend is a `MetricsWriter` (`write_scalars`, `write_images`, `close`).
+Only process 0 writes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import textwrap
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw
+
+from bpgo_jax.logs.images import LatestImageWriter, captioned_grid, save_png
+from bpgo_jax.logs.jsonl import JsonlWriter, jsonable, truncate_jsonl
+from bpgo_jax.logs.writer import INDEX_KEYS, MetricsWriter, row_step
+
+__all__ = [
+    "INDEX_KEYS",
+    "JsonlWriter",
+    "LatestImageWriter",
+    "MetricsWriter",
+    "RunLogger",
+    "captioned_grid",
+    "jsonable",
+    "row_step",
+    "save_png",
+    "truncate_jsonl",
+]
 
 log = logging.getLogger("bpgo_jax")
 
 
-def captioned_grid(images: np.ndarray, captions: list[str], *, tile: int = 128) -> np.ndarray:
-    """Tiles images (float [N, H, W, 3] in [0, 1]) with their caption under each."""
-    n = len(images)
-    cols = min(n, 4)
-    rows = math.ceil(n / cols)
-    text_h = 40
-    canvas = Image.new("RGB", (cols * tile, rows * (tile + text_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (img, caption) in enumerate(zip(images, captions, strict=True)):
-        r, c = divmod(i, cols)
-        pil = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
-        canvas.paste(pil.resize((tile, tile), Image.NEAREST), (c * tile, r * (tile + text_h)))
-        lines = textwrap.wrap(caption, width=tile // 6)[:3]
-        draw.multiline_text(
-            (c * tile + 2, r * (tile + text_h) + tile + 1),
-            "\n".join(lines),
-            fill="black",
-            spacing=1,
-        )
-    return np.asarray(canvas)
-
-
 class RunLogger:
-    def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+    """The writers of one run, built from `log_config` (a config's `log` block).
+
+    `log_config` fields: `tensorboard` (bool) and `wandb` (`enabled`,
+    `project`, `entity`, `run_name`, `mode`); None writes metrics.jsonl and
+    the PNG grids only. `tensorboard`, when given, overrides the config's.
+    `run_config` (a plain dict) becomes the wandb run's config.
+    `metrics_file` names the JSONL file in `workdir`.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        log_config: Mapping[str, Any] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        *,
+        tensorboard: bool | None = None,
+        metrics_file: str = "metrics.jsonl",
+    ):
         self.enabled = jax.process_index() == 0
         self.workdir = Path(workdir)
-        self._tb = None
-        if self.enabled:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
-
-    def metrics(self, record: dict) -> None:
+        self.metrics_path = self.workdir / metrics_file
+        self.writers: list[MetricsWriter] = []
         if not self.enabled:
             return
-        clean = {k: _jsonable(v) for k, v in record.items()}
-        with open(self.workdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(clean) + "\n")
-        if self._tb is not None:
-            step = int(record.get("samples_seen", record.get("epoch", 0)))
-            for key, value in clean.items():
-                if isinstance(value, int | float) and key not in ("epoch", "samples_seen"):
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+        log_config = log_config if log_config is not None else {}
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.writers = [JsonlWriter(self.metrics_path), LatestImageWriter(self.workdir)]
+        if tensorboard if tensorboard is not None else log_config.get("tensorboard", False):
+            from bpgo_jax.logs.tensorboard import TensorBoardWriter
+
+            self.writers.append(TensorBoardWriter(self.workdir / "tensorboard"))
+        wandb_cfg = log_config.get("wandb") or {}
+        if wandb_cfg.get("enabled", False):
+            from bpgo_jax.logs.wandb_run import WandbWriter
+
+            self.writers.append(
+                WandbWriter(
+                    self.workdir,
+                    project=wandb_cfg.get("project", "bpgo-jax"),
+                    entity=wandb_cfg.get("entity", ""),
+                    run_name=wandb_cfg.get("run_name", ""),
+                    mode=wandb_cfg.get("mode", "online"),
+                    run_config=run_config,
+                )
+            )
+
+    def metrics(self, record: Mapping[str, Any], step: int | None = None) -> None:
+        """Writes one row; `step` defaults to its samples_seen, step or epoch field."""
+        if not self.enabled:
+            return
+        clean = {k: jsonable(v) for k, v in record.items()}
+        step = row_step(clean) if step is None else step
+        for writer in self.writers:
+            writer.write_scalars(step, clean)
 
     def images(self, tag: str, images: np.ndarray, captions: list[str], step: int) -> None:
+        """A captioned grid of `images` (float [N, H, W, 3] in [0, 1]) to every writer."""
         if not self.enabled:
             return
         grid = captioned_grid(images, captions)
-        Image.fromarray(grid).save(self.workdir / f"{tag.replace('/', '_')}_latest.png")
-        if self._tb is not None:
-            self._tb.add_image(tag, grid, step, dataformats="HWC")
-            self._tb.add_text(tag + "/prompts", "\n\n".join(captions), step)
+        for writer in self.writers:
+            writer.write_images(tag, grid, captions, step)
+
+    def truncate_after(self, value: int, *, key: str = "epoch") -> None:
+        """Drops the metrics rows whose `key` is >= `value` (call on every start).
+
+        A run resuming from the checkpoint of epoch E calls `truncate_after(E)`
+        (the rows of epochs E, E+1, ... are computed again); a run with no
+        checkpoint calls `truncate_after(0)`, dropping the rows of a run
+        killed before its first checkpoint. Pre-training, resuming after step
+        S, calls `truncate_after(S + 1, key="step")`.
+        """
+        if self.enabled:
+            truncate_jsonl(self.metrics_path, value, key=key)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _jsonable(value):
-    """Plain JSON values; non-finite floats become null (JSON has no NaN)."""
-    if isinstance(value, np.ndarray | jax.Array):
-        value = np.asarray(value)
-        value = value.item() if value.size == 1 else value.tolist()
-    if isinstance(value, np.floating | np.integer):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def truncate_metrics_after(path: Path, epoch: int) -> None:
-    """Drops lines of epochs >= `epoch` (written after the checkpoint we resume from)."""
-    if not path.exists():
-        return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("epoch", -1) < epoch
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
+        """Closes every writer, then raises the first error any of them raised."""
+        errors = []
+        for writer in self.writers:
+            try:
+                writer.close()
+            except Exception as err:  # the others must still be closed
+                errors.append(err)
+        self.writers = []
+        if errors:
+            raise errors[0]

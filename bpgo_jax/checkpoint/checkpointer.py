@@ -1,0 +1,236 @@
+"""`Checkpointer`: Orbax checkpoints of a run's device state and host metadata.
+
+See the package docstring (`bpgo_jax.checkpoint`) for what it guarantees.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from bpgo_jax.errors import WorkdirError
+
+log = logging.getLogger("bpgo_jax")
+
+DAMAGED_SUFFIX = ".damaged"
+
+
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    """The error as one line; a long one keeps its head and its tail, where
+    TensorStore puts the OS's reason ("No space left on device")."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
+
+
+def _abstract(like: Any) -> Any:
+    """Shape/dtype/sharding targets for `like`'s arrays; placeholders stay placeholders."""
+    return jax.tree.map(
+        lambda x: x if x is ocp.PLACEHOLDER else ocp.utils.to_shape_dtype_struct(x), like
+    )
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...] | None]:
+    """'a/b/c' -> shape of every array leaf (None for a placeholder)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is ocp.PLACEHOLDER)[0]
+    return {
+        "/".join(_key_name(k) for k in path): (
+            None if leaf is ocp.PLACEHOLDER else tuple(getattr(leaf, "shape", ()))
+        )
+        for path, leaf in leaves
+    }
+
+
+class Checkpointer:
+    """An Orbax `CheckpointManager` over `directory` (one subdirectory per step).
+
+    `keep`: how many checkpoints to keep (>= 1). `use_async`: saves write in
+    the background (see the module docstring for when failures surface).
+    `read_only`: never creates, renames or deletes anything (tools that only
+    read a run's policy).
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        keep: int,
+        use_async: bool = True,
+        read_only: bool = False,
+    ):
+        if not isinstance(keep, int) or keep < 1:
+            raise WorkdirError(
+                f"checkpoint.keep={keep!r} must be an integer >= 1 (with fewer Orbax deletes "
+                "every checkpoint, the final one included)"
+            )
+        self.directory = Path(directory).absolute()
+        self.read_only = read_only
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep,
+            save_interval_steps=0 if read_only else 1,
+            enable_async_checkpointing=use_async and not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=handlers
+            )
+        except OSError as err:
+            raise WorkdirError(
+                f"cannot open checkpoint directory {self.directory}: {_one_line(err)}"
+            ) from err
+        self._pending: int | None = None  # the step of a save that may still be running
+
+    def latest(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> None:
+        """Starts saving `state` (arrays) and `meta` (JSON) as checkpoint `step`.
+
+        First waits for the previous save and raises if it failed. With
+        `use_async` the write continues in the background: call `wait()`
+        before relying on it.
+        """
+        if self.read_only:
+            raise WorkdirError(f"{self.directory} was opened read-only; cannot save")
+        self.wait()
+        args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
+        try:
+            self._manager.save(step, args=args, force=force)
+        except Exception as err:
+            raise self._save_error(step, err) from err
+        self._pending = step
+
+    def wait(self) -> None:
+        """Blocks until the running save (if any) is written; raises `WorkdirError`
+        naming its step directory when it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:
+            if step is None:
+                raise
+            raise self._save_error(step, err) from err
+
+    def _save_error(self, step: int, err: BaseException) -> WorkdirError:
+        return WorkdirError(
+            f"checkpoint {step} could not be written to {self.step_dir(step)}: "
+            f"{_one_line(err)} (older checkpoints in {self.directory} are kept)"
+        )
+
+    # --------------------------------------------------------------- restore
+    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+        """Checkpoint `step` on the shapes, dtypes and shardings of the arrays in `like`."""
+        abstract = _abstract(like)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return out.state, dict(out.meta)
+
+    def restore_latest(self, like: Any) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the newest readable checkpoint, or None when there is none.
+
+        A checkpoint that fails to restore is damaged unless its stored arrays
+        do not fit `like` (then this run's state has another structure: raised,
+        nothing moved). Damaged checkpoints newer than the one restored are
+        logged and moved aside as `<step>.damaged`. When none is readable,
+        raises `WorkdirError` naming the directory and moves nothing.
+        """
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        damaged: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                state, meta = self.restore(step, like)
+            except Exception as err:
+                self._raise_if_mismatched(step, like)
+                reason = _one_line(err, 200)
+                log.warning("checkpoint %s is damaged: %s", self.step_dir(step), reason)
+                damaged.append((step, reason))
+                continue
+            for bad, _ in damaged:
+                self._move_aside(bad)
+            return step, state, meta
+        if damaged:
+            listed = "; ".join(f"{self.step_dir(s)}: {r}" for s, r in damaged)
+            raise WorkdirError(
+                f"no readable checkpoint in {self.directory} ({listed}); move the directory "
+                "aside to start afresh"
+            )
+        return None
+
+    def _raise_if_mismatched(self, step: int, like: Any) -> None:
+        """Raises when checkpoint `step`'s stored tree does not fit `like`."""
+        try:
+            stored = self._manager.item_metadata(step)["state"]
+        except Exception:
+            return  # unreadable metadata: a damaged checkpoint, not a mismatch
+        stored = getattr(stored, "tree", stored)
+        if stored is None:
+            return
+        want, have = _shapes(like), _shapes(stored)
+        diffs = [
+            f"{name}: stored {have.get(name, 'nothing')}, expected {shape}"
+            for name, shape in sorted(want.items())
+            if shape is not None and have.get(name) != shape
+        ]
+        extra = sorted(set(have) - set(want))
+        diffs += [f"{name}: stored, not expected" for name in extra]
+        if diffs:
+            shown = "; ".join(diffs[:3]) + (
+                f"; ... ({len(diffs)} in all)" if len(diffs) > 3 else ""
+            )
+            raise WorkdirError(
+                f"checkpoint {self.step_dir(step)} does not fit this run's state ({shown}); "
+                "was it written with another model or optimiser config?"
+            )
+
+    def _move_aside(self, step: int) -> None:
+        if self.read_only or jax.process_index() != 0:
+            return
+        source = self.step_dir(step)
+        target = source.with_name(source.name + DAMAGED_SUFFIX)
+        n = 1
+        while target.exists():
+            target = source.with_name(f"{source.name}{DAMAGED_SUFFIX}-{n}")
+            n += 1
+        try:
+            source.rename(target)
+        except OSError as err:
+            raise WorkdirError(f"cannot move damaged {source} aside: {_one_line(err)}") from err
+        log.warning("moved damaged checkpoint %s aside to %s", source, target)
+        self._manager.reload()
+
+    # ----------------------------------------------------------------- close
+    def close(self) -> None:
+        """Waits for the running save (raising if it failed) and releases Orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()

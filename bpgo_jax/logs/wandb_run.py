@@ -1,0 +1,78 @@
+"""Weights & Biases: the same rows and image grids as metrics.jsonl, in one wandb run
+per workdir.
+
+`wandb` is an optional dependency, imported only when `log.wandb.enabled`.
+The run's id is kept in WORKDIR/wandb_run_id, so every restart of a workdir
+logs into the same wandb run (`resume="allow"`); wandb's files go under
+WORKDIR/wandb (with `mode="offline"` that is all it writes, for `wandb sync`).
+wandb steps only grow: rows a resumed run computes again (the epochs after
+its last checkpoint) keep the values first sent, while metrics.jsonl holds
+the recomputed ones.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bpgo_jax.checkpoint.workdir import atomic_write
+from bpgo_jax.errors import ConfigError
+
+RUN_ID_FILE = "wandb_run_id"
+MODES = ("online", "offline", "disabled")
+
+
+class WandbWriter:
+    """Logs numeric fields (index fields included, to plot against) and grids."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        project: str,
+        entity: str = "",
+        run_name: str = "",
+        mode: str = "online",
+        run_config: Mapping[str, Any] | None = None,
+    ):
+        if mode not in MODES:
+            raise ConfigError(f"log.wandb.mode={mode!r} is not one of {MODES}")
+        try:
+            import wandb
+        except ImportError as err:
+            raise ConfigError(
+                "log.wandb.enabled=True needs the wandb package (pip install wandb)"
+            ) from err
+        workdir = Path(workdir)
+        id_file = workdir / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else ""
+        if not run_id:
+            run_id = secrets.token_hex(8)
+            atomic_write(id_file, run_id + "\n")
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=project or None,
+            entity=entity or None,
+            name=run_name or None,
+            mode=mode,
+            dir=str(workdir),
+            id=run_id,
+            resume="allow",
+            config=dict(run_config or {}),
+        )
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        numeric = {k: v for k, v in scalars.items() if isinstance(v, int | float)}
+        if numeric:
+            self.run.log(numeric, step=step)
+
+    def write_images(self, tag: str, grid: np.ndarray, captions: Sequence[str], step: int) -> None:
+        image = self._wandb.Image(grid, caption=" | ".join(captions))
+        self.run.log({tag: image}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
