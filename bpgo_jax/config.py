@@ -1,20 +1,107 @@
-"""Up-front validation of a run config: one-line errors naming the field.
+"""Up-front checks of a run config: one-line errors naming the field.
 
-Everything that can be checked before compiling is checked here, so a bad
-override fails in a second instead of after minutes of compilation.
+`validate` checks the fields against each other and the device count without
+touching a file or a device; `check_inputs` reads the files the config names
+(prompts, weights). Both run in about a second, before any model is built, so
+a bad override fails at once instead of after minutes of set-up.
 """
 
 from __future__ import annotations
+
+import difflib
+import importlib
+import math
+import pkgutil
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import ml_collections
 
 from bpgo_jax import rewards as rewards_lib
 from bpgo_jax.errors import ConfigError
 from bpgo_jax.models import tiny
+from bpgo_jax.parallel.mesh import BATCH_AXES
+from bpgo_jax.prompts import PromptSet, load_prompts
+
+__all__ = ["ConfigError", "batch_layout", "check_inputs", "validate"]
 
 ADVANTAGE_METHODS = ("bpgo", "grpo", "ddpo_tracker")
 PRIOR_KINDS = ("fixed", "moving_average", "reference")
 FLOW_NOISE = ("flow_grpo", "dance", "ode")
+MODEL_NAMES = ("tiny_unet", "sd")
+PREDICTION_TYPES = ("flow", "epsilon", "v_prediction", "sample")
+
+# Integer fields shared by every run config (configs/common.py) and their minimum.
+_INTEGERS: tuple[tuple[str, int, str], ...] = (
+    ("seed", 0, "it seeds numpy's prompt order"),
+    ("sample.num_steps", 1, ""),
+    ("sample.group_size", 2, "GRPO needs a group to compare"),
+    ("sample.prompts_per_epoch", 1, ""),
+    ("sample.batch_size", 1, ""),
+    ("advantage.tracker.buffer_size", 1, ""),
+    ("advantage.tracker.min_count", 1, ""),
+    ("train.num_epochs", 1, ""),
+    ("train.inner_epochs", 1, ""),
+    ("train.batch_size", 1, ""),
+    ("train.micro_batch_size", 1, ""),
+    ("train.warmup_updates", 0, ""),
+    ("train.max_consecutive_skips", 0, ""),
+    ("eval.num_prompts", 1, ""),
+    ("eval.every", 1, "evaluate every N epochs"),
+    ("mesh.num_devices", 0, "0 = every device"),
+    ("checkpoint.every", 1, "save every N epochs"),
+    ("checkpoint.keep", 1, "0 would delete every checkpoint"),
+    ("log.image_every", 1, "log images every N epochs"),
+    ("log.num_images", 1, ""),
+    ("distributed.num_processes", 0, "0 = from the environment"),
+    ("distributed.process_id", -1, "-1 = from the environment"),
+)
+
+# Real-valued fields: the condition they must meet besides being finite.
+_REAL_RULES: dict[str, Callable[[float], bool]] = {
+    "": lambda v: True,
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+}
+_REALS: tuple[tuple[str, str, str], ...] = (
+    ("sample.guidance_scale", ">= 0", ""),
+    ("sample.eta", ">= 0", ""),
+    ("sample.noise_level", ">= 0", ""),
+    ("sample.shift", "> 0", ""),
+    ("advantage.eps", "> 0", "it keeps the std division finite"),
+    ("advantage.alpha", "in [0, 1)", "so RAS weights stay positive"),
+    ("advantage.k", ">= 0", ""),
+    ("advantage.lam", ">= 0", ""),
+    ("advantage.crt_coef", ">= 0", ""),
+    ("advantage.max_exp", "> 0", ""),
+    ("prior.decay", "in [0, 1)", ""),
+    ("prior.init_value", "", ""),
+    ("train.timestep_fraction", "in (0, 1]", ""),
+    ("train.clip_range", "> 0", ""),
+    ("train.kl_beta", ">= 0", ""),
+    ("train.ema_decay", "in [0, 1)", ""),
+    ("train.lr", "> 0", ""),
+    ("train.b1", "in [0, 1)", ""),
+    ("train.b2", "in [0, 1)", ""),
+    ("train.adam_eps", "> 0", ""),
+    ("train.weight_decay", ">= 0", ""),
+    ("train.max_grad_norm", "> 0", ""),
+)
+
+_CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("prompts.on_too_long", ("warn", "error")),
+    ("sample.kind", ("ddim", "flow")),
+    ("sample.noise", FLOW_NOISE),
+    ("advantage.method", ADVANTAGE_METHODS),
+    ("advantage.std", ("group", "global")),
+    ("prior.kind", PRIOR_KINDS),
+    ("train.accumulate", ("auto", "scan", "host")),
+    ("log.wandb.mode", ("online", "offline", "disabled")),
+)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -22,13 +109,73 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+_MISSING = object()
+
+
+def _get(config: Any, field: str) -> Any:
+    """The value at dotted `field`, or `_MISSING` where a config lacks it."""
+    node = config
+    for part in field.split("."):
+        if not isinstance(node, Mapping | ml_collections.ConfigDict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _because(why: str) -> str:
+    return f" ({why})" if why else ""
+
+
+def _check_scalars(config: ml_collections.ConfigDict) -> None:
+    """The tables above; a field a config does not have is left to its reader."""
+    for field, low, why in _INTEGERS:
+        value = _get(config, field)
+        if value is not _MISSING:
+            _check(
+                _is_int(value) and value >= low,
+                f"{field}={value!r} must be an integer >= {low}{_because(why)}",
+            )
+    for field, rule, why in _REALS:
+        value = _get(config, field)
+        if value is not _MISSING:
+            _check(
+                _is_real(value) and _REAL_RULES[rule](value),
+                f"{field}={value!r} must be a finite number {rule}".rstrip() + _because(why),
+            )
+    for field, choices in _CHOICES:
+        value = _get(config, field)
+        if value is not _MISSING:
+            _check(value in choices, f"{field}={value!r} is not one of {choices}")
+
+
 def _is_window(window: tuple, num_steps: int) -> bool:
     """(start, stop) with 0 <= start < stop <= num_steps: a range of sampler steps."""
     return len(window) == 2 and 0 <= window[0] < window[1] <= num_steps
 
 
+def _is_range(pair: Any) -> bool:
+    """(low, high), finite, low <= high."""
+    return (
+        isinstance(pair, tuple | list)
+        and len(pair) == 2
+        and all(_is_real(v) for v in pair)
+        and pair[0] <= pair[1]
+    )
+
+
 def batch_layout(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int = 1) -> dict:
     """Derived sizes of one epoch; raises ConfigError when they do not fit together."""
+    for field in ("sample.batch_size", "train.batch_size", "train.micro_batch_size"):
+        value = _get(config, field)
+        _check(_is_int(value) and value >= 1, f"{field}={value!r} must be an integer >= 1")
     g = config.sample.group_size
     n = config.sample.prompts_per_epoch
     samples = n * g
@@ -93,85 +240,346 @@ def batch_layout(config: ml_collections.ConfigDict, num_devices: int, num_hosts:
     }
 
 
+def _module_hint(name: str) -> str:
+    """'; did you mean X?' over the modules beside `name` (its package's, or top-level)."""
+    parent, _, leaf = name.rpartition(".")
+    try:
+        path = importlib.import_module(parent).__path__ if parent else None
+    except (ImportError, AttributeError):
+        return ""
+    siblings = [m.name for m in pkgutil.iter_modules(path)]
+    close = difflib.get_close_matches(leaf, siblings, n=1)
+    return f"; did you mean {'.'.join(filter(None, (parent, close[0])))!r}?" if close else ""
+
+
+def _load_plugins(plugins: Any) -> None:
+    """Imports `config.plugins`; a missing module is a ConfigError, its own bugs are not."""
+    _check(
+        isinstance(plugins, tuple | list) and all(isinstance(p, str) and p for p in plugins),
+        f"plugins={plugins!r} must be a tuple of module names, e.g. \"('my_rewards',)\"",
+    )
+    for module in plugins:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name and (module == err.name or module.startswith(err.name + ".")):
+                raise ConfigError(
+                    f"plugins: no module named {module!r}{_module_hint(module)}"
+                ) from None
+            raise ConfigError(
+                f"plugins: module {module!r} imports {err.name!r}, which is not installed"
+            ) from None
+    rewards_lib.load_plugins()
+
+
+def _reward_blocks(config: ml_collections.ConfigDict, section: str) -> list[tuple[str, Any]]:
+    blocks = _get(config, section)
+    return [] if blocks is _MISSING or blocks is None else list(blocks.items())
+
+
+def _check_rewards(config: ml_collections.ConfigDict) -> None:
+    known = rewards_lib.names()
+    _check(len(config.rewards) > 0, "config.rewards is empty: name at least one reward")
+    for section in ("rewards", "eval.rewards"):
+        for name, block in _reward_blocks(config, section):
+            where = f"config.{section}.{name}"
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {known}"
+            _check(name in known, f"{where}: unknown reward; {hint}")
+            _check(
+                isinstance(block, Mapping | ml_collections.ConfigDict),
+                f"{where}={block!r} must be a dict of the reward's options with a weight",
+            )
+            weight = block.get("weight", _MISSING)
+            _check(weight is not _MISSING, f"{where}.weight is missing")
+            _check(_is_real(weight), f"{where}.weight={weight!r} must be a finite number")
+
+
+_EMPTY_INIT = (
+    "model.init is empty: set it to 'random' or to the weights (a .msgpack file for "
+    "tiny_unet, a diffusers folder for sd)"
+)
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+    model = config.model
+    _check(model.name in MODEL_NAMES, f"model.name={model.name!r} is not one of {MODEL_NAMES}")
+    _check(
+        model.get("dtype", "float32") in ("float32", "bfloat16"),
+        f"model.dtype={model.get('dtype')!r} is not float32 or bfloat16",
+    )
+    init = model.get("init", "random")
+    _check(isinstance(init, str) and bool(init), _EMPTY_INIT)
+    lora = model.get("lora", None) or {}
+    rank, alpha = lora.get("rank", 0), lora.get("alpha", 0.0)
+    _check(_is_int(rank) and rank >= 0, f"model.lora.rank={rank!r} must be an integer >= 0")
+    _check(
+        alpha is None or (_is_real(alpha) and alpha >= 0),
+        f"model.lora.alpha={alpha!r} must be a finite number >= 0 (0 = rank)",
+    )
+    for target in lora.get("targets", ()) or ():
+        try:
+            re.compile(target)
+        except (re.error, TypeError) as err:
+            raise ConfigError(f"model.lora.targets: {target!r} is not a regex ({err})") from None
+    if model.name == "tiny_unet":
+        _check_tiny(config)
+    else:
+        _check(
+            config.sample.kind == "ddim",
+            f"sample.kind={config.sample.kind!r}: an SD model needs the 'ddim' sampler",
+        )
+        resolution = model.get("resolution", None)
+        _check(
+            resolution is None or (_is_int(resolution) and resolution >= 8),
+            f"model.resolution={resolution!r} must be None (the model's own) or an integer >= 8",
+        )
+        if init == "random":
+            from bpgo_jax.models.sd.presets import PRESETS
+
+            preset = model.get("preset", "tiny")
+            _check(
+                preset in PRESETS,
+                f"model.preset={preset!r} is not one of {tuple(PRESETS)} (model.init='random')",
+            )
+
+
+_TINY_SIZES = (
+    ("resolution", 1),
+    ("heads", 1),
+    ("vocab_size", 3),
+    ("max_length", 1),
+    ("text_width", 1),
+    ("text_depth", 0),
+)
+
+
+def _check_tiny(config: ml_collections.ConfigDict) -> None:
+    """The built-in model's sizes: positive, and divisible where attention needs it."""
+    model = config.model
+    for field, low in _TINY_SIZES:
+        value = model.get(field, _MISSING)
+        _check(
+            _is_int(value) and value >= low,
+            f"model.{field}={'<missing>' if value is _MISSING else repr(value)} "
+            f"must be an integer >= {low}",
+        )
+    channels, levels = tuple(model.channels), tuple(model.attn_levels)
+    _check(
+        len(channels) >= 1 and all(_is_int(c) and c >= 1 for c in channels),
+        f"model.channels={channels!r} must be one or more integers >= 1",
+    )
+    _check(
+        all(_is_int(lv) and 0 <= lv < len(channels) for lv in levels),
+        f"model.attn_levels={levels!r} must index model.channels (0 .. {len(channels) - 1})",
+    )
+    heads = model.heads
+    _check(
+        model.text_width % heads == 0,
+        f"model.text_width={model.text_width} must be divisible by model.heads={heads}",
+    )
+    for level in sorted({*levels, len(channels) - 1}):
+        _check(
+            channels[level] % heads == 0,
+            f"model.channels[{level}]={channels[level]} must be divisible by model.heads={heads} "
+            "(attention runs at that level)",
+        )
+    _check(
+        model.prediction_type in PREDICTION_TYPES,
+        f"model.prediction_type={model.prediction_type!r} is not one of {PREDICTION_TYPES}",
+    )
+    try:
+        tiny.check_config(model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    flow_model = model.prediction_type == "flow"
+    _check(
+        flow_model == (config.sample.kind == "flow"),
+        f"sample.kind={config.sample.kind!r} does not fit model.prediction_type="
+        f"{model.prediction_type!r}: the flow sampler needs a flow model, ddim any other",
+    )
+
+
+def _check_sample(config: ml_collections.ConfigDict) -> None:
+    sample = config.sample
+    if sample.kind == "ddim":
+        _check(
+            sample.eta > 0,
+            f"sample.eta={sample.eta} must be > 0: a "
+            "deterministic sampler has no log-probability to train",
+        )
+    else:
+        _check(sample.noise != "ode", "sample.noise='ode' has no log-probability to train")
+        _check(
+            sample.noise_level > 0,
+            f"sample.noise_level={sample.noise_level} must be > 0: a "
+            "deterministic sampler has no log-probability to train",
+        )
+    eval_noise = config.eval.get("noise", "")
+    _check(
+        eval_noise in ("", *FLOW_NOISE) and not (eval_noise and sample.kind != "flow"),
+        f"eval.noise={eval_noise!r} must be '' or, for a flow sampler, one of {FLOW_NOISE}",
+    )
+
+
+def _check_advantage_and_prior(config: ml_collections.ConfigDict) -> None:
+    adv = config.advantage
+    clip = adv.get("clip", None)
+    _check(
+        clip is None or (_is_real(clip) and clip > 0),
+        f"advantage.clip={clip!r} must be a finite number > 0 (or None: no clipping)",
+    )
+    clamp = adv.get("ras_clamp", None)
+    _check(
+        clamp is None or (_is_range(clamp) and clamp[0] >= 0),
+        f"advantage.ras_clamp={clamp!r} must be None or (low, high) with 0 <= low <= high",
+    )
+    tracker = adv.get("tracker", None)
+    if tracker is not None:
+        _check(
+            tracker.min_count <= tracker.buffer_size,
+            f"advantage.tracker.min_count={tracker.min_count} must be <= "
+            f"advantage.tracker.buffer_size={tracker.buffer_size}",
+        )
+    prior_clip = config.prior.get("clip", None)
+    _check(
+        prior_clip is None or _is_range(prior_clip),
+        f"prior.clip={prior_clip!r} must be None or (low, high) with low <= high",
+    )
+
+
+def _check_mesh(config: ml_collections.ConfigDict) -> None:
+    mesh = config.mesh
+    shape, axes = tuple(mesh.shape), tuple(mesh.axes)
+    _check(
+        all(_is_int(s) and (s >= 1 or s == -1) for s in shape) and shape.count(-1) <= 1,
+        f"mesh.shape={shape!r} must be sizes >= 1, with at most one -1 (the remaining devices)",
+    )
+    for axis in axes:
+        close = difflib.get_close_matches(str(axis), BATCH_AXES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        _check(axis in BATCH_AXES, f"mesh.axes: unknown axis {axis!r}, known: {BATCH_AXES}{hint}")
+    _check(len(set(axes)) == len(axes), f"mesh.axes={axes!r} names an axis twice")
+    _check(
+        len(shape) == len(axes),
+        f"mesh.shape={shape!r} and mesh.axes={axes!r} must have the same length",
+    )
+    for rule in mesh.rules:
+        _check(
+            isinstance(rule, tuple | list) and len(rule) == 2,
+            f"mesh.rules: {rule!r} must be a (regex, spec) pair",
+        )
+        pattern, spec = rule
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise ConfigError(f"mesh.rules: {pattern!r} is not a regex ({err})") from None
+        _check(
+            spec == "fsdp_auto"
+            or (isinstance(spec, tuple | list) and all(a is None or a in axes for a in spec)),
+            f"mesh.rules: spec {spec!r} of {pattern!r} must be 'fsdp_auto' or a tuple of "
+            f"mesh axes {axes} or None, one per array dimension",
+        )
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int = 1) -> dict:
-    """Checks the whole config; returns `batch_layout`."""
-    rewards_lib.load_plugins(tuple(config.get("plugins", ())))
-    known = set(rewards_lib.names())
-    for name in config.rewards:
-        _check(name in known, f"config.rewards.{name}: unknown reward; known: {sorted(known)}")
-    for name in config.eval.rewards:
-        _check(name in known, f"config.eval.rewards.{name}: unknown reward; known: {sorted(known)}")
+    """Checks the whole config; returns `batch_layout`.
+
+    `num_devices` is the number of batch shards (data x fsdp). Reads no file
+    and touches no device (plugins are imported: they register rewards).
+    """
+    _load_plugins(config.get("plugins", ()))
+    _check_scalars(config)
+    _check_rewards(config)
     for name in config.eval.get("extra_prompts", {}):
         _check(
             name.isidentifier() and bool(config.eval.prompts_path),
             f"config.eval.extra_prompts.{name}: needs an identifier name and eval.prompts_path set",
         )
-    adv = config.advantage
+    _check_advantage_and_prior(config)
+    _check_sample(config)
+    _check_model(config)
+    _check_mesh(config)
+    wandb = config.log.get("wandb", None)
+    if wandb is not None and wandb.get("enabled", False):
+        _check(bool(wandb.get("project", "")), "log.wandb.project is empty (log.wandb.enabled)")
+    return batch_layout(config, num_devices, num_hosts)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def _prompt_files(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Field -> prompt file, for every prompt file the run reads."""
+    path = config.prompts.path
     _check(
-        adv.method in ADVANTAGE_METHODS,
-        f"advantage.method={adv.method!r} is not one of {ADVANTAGE_METHODS}",
+        isinstance(path, str) and bool(path),
+        "prompts.path is empty: name a .txt (one prompt a line) or .jsonl prompt file",
     )
-    _check(adv.std in ("group", "global"), f"advantage.std={adv.std!r} is not 'group' or 'global'")
-    _check(
-        0 <= adv.alpha < 1,
-        f"advantage.alpha={adv.alpha} must be in [0, 1) so RAS weights stay positive",
-    )
-    _check(adv.crt_coef >= 0, f"advantage.crt_coef={adv.crt_coef} must be >= 0")
-    _check(
-        config.prior.kind in PRIOR_KINDS,
-        f"prior.kind={config.prior.kind!r} is not one of {PRIOR_KINDS}",
-    )
-    _check(0 <= config.prior.decay < 1, f"prior.decay={config.prior.decay} must be in [0, 1)")
-    _check(config.train.clip_range > 0, f"train.clip_range={config.train.clip_range} must be > 0")
-    _check(config.train.kl_beta >= 0, f"train.kl_beta={config.train.kl_beta} must be >= 0")
-    _check(
-        0 <= config.train.ema_decay < 1,
-        f"train.ema_decay={config.train.ema_decay} must be in [0, 1)",
-    )
-    _check(
-        config.train.inner_epochs >= 1,
-        f"train.inner_epochs={config.train.inner_epochs} must be >= 1",
-    )
-    _check(
-        config.train.accumulate in ("auto", "scan", "host"),
-        f"train.accumulate={config.train.accumulate!r} is not 'auto', 'scan' or 'host'",
-    )
-    _check(
-        config.sample.kind in ("ddim", "flow"),
-        f"sample.kind={config.sample.kind!r} is not 'ddim' or 'flow'",
-    )
-    _check(config.sample.num_steps >= 1, f"sample.num_steps={config.sample.num_steps} must be >= 1")
-    if config.sample.kind == "ddim":
+    files = {"prompts.path": path}
+    if config.eval.get("prompts_path", ""):
+        files["eval.prompts_path"] = config.eval.prompts_path
+        for name, extra in config.eval.get("extra_prompts", {}).items():
+            files[f"eval.extra_prompts.{name}"] = extra
+    return files
+
+
+def _check_model_init(config: ml_collections.ConfigDict) -> None:
+    init, name = config.model.get("init", "random"), config.model.name
+    _check(isinstance(init, str) and bool(init), _EMPTY_INIT)
+    if init == "random":
+        return
+    path = Path(init)
+    if name == "sd":
         _check(
-            config.sample.eta > 0,
-            f"sample.eta={config.sample.eta} must be > 0: a "
-            "deterministic sampler has no log-probability to train",
+            path.is_dir(),
+            f"model.init={init!r} is not a directory: SD weights are a diffusers folder "
+            "(or 'random')",
+        )
+        _check(
+            (path / "model_index.json").is_file(),
+            f"model.init={init!r} is not a diffusers folder: it has no model_index.json",
         )
     else:
-        _check(config.sample.noise != "ode", "sample.noise='ode' has no log-probability to train")
-    patch = config.sample.get("noise_patch", 1)
-    _check(
-        isinstance(patch, int) and patch >= 1,
-        f"sample.noise_patch={patch!r} must be an integer >= 1",
-    )
-    window = tuple(config.sample.get("noise_patch_window", ()))
-    _check(
-        window == () or _is_window(window, config.sample.num_steps),
-        f"sample.noise_patch_window={window!r} must be () or (start, stop) with "
-        f"0 <= start < stop <= sample.num_steps={config.sample.num_steps}",
-    )
-    eval_noise = config.eval.get("noise", "")
-    _check(
-        eval_noise in ("", *FLOW_NOISE) and not (eval_noise and config.sample.kind != "flow"),
-        f"eval.noise={eval_noise!r} must be '' or, for a flow sampler, one of {FLOW_NOISE}",
-    )
-    _check(
-        config.model.get("dtype", "float32") in ("float32", "bfloat16"),
-        f"model.dtype={config.model.get('dtype')!r} is not float32 or bfloat16",
-    )
-    if config.model.name == "tiny_unet":
+        _check(
+            path.is_file(),
+            f"model.init={init!r} is not a file: the built-in model's weights are one .msgpack "
+            "file (or 'random')",
+        )
+
+
+def _check_reward_paths(config: ml_collections.ConfigDict) -> None:
+    """Every non-empty `path` / `*_path` option of a reward names something that exists."""
+    for section in ("rewards", "eval.rewards"):
+        for name, block in _reward_blocks(config, section):
+            if not isinstance(block, Mapping | ml_collections.ConfigDict):
+                continue  # `validate` names it
+            for key, value in block.items():
+                if (key == "path" or key.endswith("_path")) and isinstance(value, str) and value:
+                    _check(
+                        Path(value).exists(),
+                        f"{section}.{name}.{key}={value!r} does not exist",
+                    )
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> dict[str, PromptSet]:
+    """Reads every prompt file and checks every weights path the config names.
+
+    Returns field -> its loaded prompts (`"prompts.path"`, `"eval.prompts_path"`,
+    `"eval.extra_prompts.NAME"`). Raises ConfigError naming the field and path.
+    """
+    prompt_sets = {}
+    for field, path in _prompt_files(config).items():
         try:
-            tiny.check_config(config.model)
+            prompt_sets[field] = load_prompts(path)
         except ValueError as err:
-            raise ConfigError(str(err)) from None
-    return batch_layout(config, num_devices, num_hosts)
+            raise ConfigError(f"{field}: {err}") from None
+    if config.prior.kind == "fixed":
+        _check(
+            prompt_sets["prompts.path"].priors is not None,
+            f"prior.kind='fixed' needs a \"prior\" on every entry of prompts.path="
+            f"{config.prompts.path!r} (a .jsonl file)",
+        )
+    _check_model_init(config)
+    _check_reward_paths(config)
+    return prompt_sets

@@ -21,6 +21,10 @@ class ConfigError(UserError, ValueError):
     """A config field that is missing, mistyped or inconsistent."""
 
 
+class InputFileError(UserError, ValueError):
+    """A data file (prompts, ...) that is missing, unreadable or malformed."""
+
+
 class WeightsError(UserError, ValueError):
     """A weights file or folder that cannot be read as the model expects."""
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import difflib
 import logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from bpgo_jax import errors
 
@@ -42,7 +46,7 @@ def define_cpu_devices_flag(note: str = ""):
         0,
         "Split the host CPU into N XLA devices that share each batch (CPU runs; 0 = as "
         "XLA_FLAGS say, one by default); XLA:CPU runs one program on about one core, so N = "
-        f"the cores uses them all (README 'Speed'). {note}".strip(),
+        f"the cores uses them all (docs/performance.md). {note}".strip(),
     )
 
 
@@ -63,7 +67,7 @@ def set_cpu_devices(n: int) -> None:
 
     XLA:CPU runs one of our programs on little more than one core, so a run
     on one CPU device leaves the other cores idle. With `n` devices the mesh
-    shards every batch over `n` programs that run at once (README "Speed":
+    shards every batch over `n` programs that run at once (docs/performance.md:
     ~1.6x per epoch with 2 on two cores). GPU/TPU runs are unaffected: their
     devices are the accelerators. Must run before jax is imported.
     """
@@ -110,6 +114,235 @@ def _resolve_config_args(argv: list[str]) -> list[str]:
     return out
 
 
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+def _asks_for_help(argv: list[str]) -> bool:
+    for arg in argv[1:]:
+        if arg == "--":
+            return False
+        if arg.startswith("-") and arg.lstrip("-").split("=", 1)[0] in _HELP_FLAGS:
+            return True
+    return False
+
+
+def _fail(message: str) -> NoReturn:
+    """Prints `error: <message>` as one line and exits with `errors.EXIT_ERROR`."""
+    print("error: " + message.replace("\n", " "), file=sys.stderr)
+    sys.exit(errors.EXIT_ERROR)
+
+
+def _close(word: str, options) -> str:
+    """'; did you mean X?' (difflib) or ''."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _config_flag_names() -> list[str]:
+    """Names of the `DEFINE_config_file` flags."""
+    from absl import flags
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    return [
+        name for name in flags.FLAGS if isinstance(flags.FLAGS[name].parser, ConfigFileFlagParser)
+    ]
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The last value given to `--name` in argv (`--name=V` or `--name V`), else None."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        for prefix in (f"--{name}", f"-{name}"):
+            if arg.startswith(prefix + "="):
+                found = arg[len(prefix) + 1 :]
+            elif arg == prefix and i + 1 < len(argv):
+                found = argv[i + 1]
+    return found
+
+
+def _overrides(argv: list[str], name: str) -> list[tuple[str, str | None]]:
+    """(field path, raw value) of every `--NAME.path[=value]` in argv."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        match = re.match(rf"-{{1,2}}(no)?{re.escape(name)}\.([^=]+)(=(.*))?$", arg, re.S)
+        if not match:
+            continue
+        value = match.group(4)
+        if value is None and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            value = argv[i + 1]
+        out.append((match.group(2), value))
+    return out
+
+
+def _missing_config_file(name: str, value: str) -> str:
+    path = value.partition(":")[0]
+    if not path:
+        return f"--{name} is empty: give a config file, e.g. --{name}=configs/image.py"
+    if Path(path).is_dir():
+        return f"--{name}={value}: {path} is a directory, not a config file"
+    if Path(path).exists():
+        return f"--{name}={value}: {path} cannot be read"
+    shipped = sorted(
+        f"configs/{p.name}"
+        for p in _SHIPPED_CONFIGS.glob("*.py")
+        if "def get_config(" in p.read_text()
+    )
+    beside = Path(path).parent
+    local = [str(p) for p in beside.glob("*.py")] if beside.is_dir() else []
+    hint = _close(path, [*local, *shipped]) or f"; shipped configs: {', '.join(shipped)}"
+    return f"--{name}={value}: no such config file{hint}"
+
+
+def _example(rest: tuple, raw: str | None) -> object:
+    """The dict a field flag's path and value stand for: ('a', 'b'), '1' -> {'a': {'b': 1}}."""
+    try:
+        value: object = ast.literal_eval(raw) if raw is not None else True
+    except (ValueError, SyntaxError):
+        value = raw
+    for part in reversed(rest):
+        value = {part: value}
+    return value
+
+
+# Config dicts whose keys are names the user picks (rewards, prompt sets).
+_NAMED_ENTRIES = ("rewards", "extra_prompts")
+
+
+def _bad_override(name: str, config, path: str, raw: str | None) -> str | None:
+    """Why `--NAME.path` names no field of `config` (one line), or None if it does."""
+    from ml_collections import ConfigDict, config_flags
+
+    try:
+        parts = config_flags.config_path.split(path)
+    except ValueError:
+        return f"--{name}.{path}: not a field path (write --{name}.a.b=VALUE)"
+    node, where = config, name
+    for depth, part in enumerate(parts):
+        if isinstance(node, ConfigDict | dict):
+            if part in node:
+                node, where = node[part], f"{where}.{part}"
+                continue
+            keys = list(node.keys())
+            named = str(parts[depth - 1]) in _NAMED_ENTRIES if depth else False
+            if named or all(isinstance(v, ConfigDict | dict) for v in node.values()):
+                # A dict of named entries (rewards, eval.extra_prompts): a locked
+                # config cannot gain an entry through a field flag.
+                whole = _example(parts[depth:], raw)
+                have = f"entries: {', '.join(map(str, keys))}" if keys else "it is empty"
+                return (
+                    f"--{name}.{path}: {where} has no entry {part!r}{_close(part, keys)} "
+                    f"({have}); a new entry goes in a config file, or in the whole dict, which "
+                    f'replaces {where} (list every entry to keep): --{where}="{whole!r}"'
+                )
+            listed = _close(part, keys) or f"; its fields: {', '.join(map(str, keys))}"
+            return f"--{name}.{path}: {where} has no field {part!r}{listed}"
+        if isinstance(node, list | tuple) and isinstance(part, int):
+            if -len(node) <= part < len(node):
+                node, where = node[part], f"{where}[{part}]"
+                continue
+            return f"--{name}.{path}: {where} has {len(node)} entries, no [{part}]"
+        if node is None:
+            return f"--{name}.{path}: {where} is None, not a block of fields"
+        if isinstance(part, str) and hasattr(node, part):
+            node, where = getattr(node, part), f"{where}.{part}"
+            continue
+        return f"--{name}.{path}: {where} is a {type(node).__name__}, not a block of fields"
+    return None
+
+
+def _override_error(argv: list[str]) -> str | None:
+    """One line for the first `--CONFIG.path` override that names no field, if any."""
+    from absl import flags
+
+    for name in _config_flag_names():
+        value = _flag_value(argv, name)
+        if value is None:
+            continue
+        try:
+            config = flags.FLAGS[name].parser.parse(value)
+            _ = config.keys()
+        except Exception:  # noqa: BLE001 (the file itself fails: `_config_file_error` says why)
+            if not Path(value.partition(":")[0]).is_file():
+                return _missing_config_file(name, value)
+            continue
+        for path, raw in _overrides(argv, name):
+            message = _bad_override(name, config, path, raw)
+            if message:
+                return message
+    return None
+
+
+def _config_file_error(argv: list[str], err: BaseException) -> str | None:
+    """`--config=FILE: FILE line N: ValueError: ...` for an error raised by a config file."""
+    root = err  # the first exception of the chain: raised by the file's own code
+    while root.__context__ is not None:
+        root = root.__context__
+    for name in _config_flag_names():
+        value = _flag_value(argv, name) or ""
+        path = value.partition(":")[0]
+        if not path or not Path(path).is_file():
+            continue
+        target = Path(path).resolve()
+        if isinstance(root, AttributeError) and root.name == "get_config":
+            return f"--{name}={value}: {path} defines no get_config()"
+        if isinstance(root, SyntaxError) and Path(root.filename or "").resolve() == target:
+            return f"--{name}={value}: {path} line {root.lineno}: {root.msg}"
+        lines = [
+            f.lineno
+            for f in traceback.extract_tb(root.__traceback__)
+            if Path(f.filename).resolve() == target
+        ]
+        if lines:
+            return f"--{name}={value}: {path} line {lines[-1]}: {type(root).__name__}: {root}"
+    return None
+
+
+def _flags_error(err: Exception) -> str:
+    """absl's flag error as one line; required flags named plainly."""
+    text = str(err)
+    missing = re.findall(r"Flag --(\S+) must have a value other than None", text)
+    if missing:
+        return f"missing required flag(s): {', '.join('--' + m for m in missing)} (see --help)"
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parser for `app.run`, with every bad flag one `error:` line (exit 1).
+
+    Covers unknown flags and config fields (with a "did you mean"), missing or
+    broken config files, bad values and missing required flags; `--help` and
+    `--helpfull` print their usage and exit 0.
+    """
+    from absl import flags
+
+    try:
+        rest = flags.FLAGS(argv)
+    except SystemExit as exc:
+        # absl's help flags print their text during parsing and exit 1.
+        if exc.code == 1 and _asks_for_help(argv):
+            raise SystemExit(0) from None
+        raise
+    except flags.Error as err:
+        _fail(_config_file_error(argv, err) or _override_error(argv) or _flags_error(err))
+    except (KeyError, AttributeError, IndexError, OSError, SyntaxError) as err:
+        # ml_collections resolves `--config.a.b` overrides while parsing.
+        message = _override_error(argv) or _config_file_error(argv, err)
+        if message is None:
+            raise
+        _fail(message)
+    # A config file that failed to load only raises when its value is read.
+    for name in _config_flag_names():
+        try:
+            getattr(flags.FLAGS[name].value, "keys", None)
+        except OSError:
+            _fail(_missing_config_file(name, _flag_value(argv, name) or ""))
+    return rest
+
+
 def run(main: Callable[[list[str]], None], doc: str | None = None) -> None:
     """`absl.app.run(main)` for a command: a `UserError` becomes one `error:` line.
 
@@ -129,10 +362,9 @@ def run(main: Callable[[list[str]], None], doc: str | None = None) -> None:
         try:
             main(argv)
         except errors.UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(errors.EXIT_ERROR)
+            _fail(str(err))
         except errors.Preempted as err:
             print(f"preempted: {err}", file=sys.stderr)
             sys.exit(errors.EXIT_PREEMPTED)
 
-    app.run(guarded, argv=_resolve_config_args(sys.argv))
+    app.run(guarded, argv=_resolve_config_args(sys.argv), flags_parser=parse_flags)

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from bpgo_jax.errors import ConfigError, InputFileError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,37 +30,96 @@ class PromptSet:
         return len(self.prompts)
 
 
+def _entry(path: Path, number: int, line: str) -> tuple[str, dict, float | None]:
+    """(prompt, metadata, prior) of line `number` of a .jsonl prompt file."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputFileError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+        raise InputFileError(f'{path}:{number}: needs a string field "prompt"')
+    if not entry["prompt"].strip():
+        raise InputFileError(f'{path}:{number}: "prompt" is empty')
+    metadata = entry.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise InputFileError(f'{path}:{number}: "metadata" must be an object')
+    prior = entry.get("prior")
+    if prior is not None and not (
+        isinstance(prior, int | float) and not isinstance(prior, bool) and math.isfinite(prior)
+    ):
+        raise InputFileError(f'{path}:{number}: "prior" must be a finite number, got {prior!r}')
+    return entry["prompt"], metadata, prior
+
+
 def load_prompts(path: str | Path) -> PromptSet:
+    """Reads a prompt file; a bad file is an `InputFileError` naming it (and the line)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputFileError(f"prompt file {path} is a directory")
     if not path.is_file():
-        raise ValueError(f"prompt file {path} does not exist")
+        raise InputFileError(f"prompt file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise InputFileError(f"prompt file {path} is not UTF-8 text ({err.reason})") from None
+    except OSError as err:
+        raise InputFileError(f"prompt file {path} cannot be read ({err.strerror})") from None
     prompts, metadata, priors = [], [], []
-    lines = path.read_text().splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-                raise ValueError(f'{path}:{number}: needs a string field "prompt"')
-            prompts.append(entry["prompt"])
-            metadata.append(entry.get("metadata", {}))
-            priors.append(entry.get("prior"))
+            prompt, meta, prior = _entry(path, number, line)
         else:
-            prompts.append(line.strip())
-            metadata.append({})
-            priors.append(None)
+            prompt, meta, prior = line.strip(), {}, None
+        prompts.append(prompt)
+        metadata.append(meta)
+        priors.append(prior)
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise InputFileError(f"prompt file {path} holds no prompts")
     has = [p is not None for p in priors]
     if any(has) and not all(has):
         missing = has.index(False) + 1
-        raise ValueError(f"{path}: some prompts have a prior and some not (entry {missing} lacks)")
+        raise InputFileError(
+            f"{path}: some prompts have a prior and some not (entry {missing} lacks)"
+        )
     prior_array = np.asarray(priors, np.float32) if all(has) else None
     return PromptSet(tuple(prompts), tuple(metadata), prior_array)
+
+
+def check_prompt_lengths(
+    prompts: Sequence[str],
+    count_tokens: Callable[[str], int],
+    max_length: int,
+    policy: str,
+    field: str,
+) -> None:
+    """Reports prompts the text encoder would cut at `max_length` tokens.
+
+    `count_tokens` gives a prompt's length in the model tokenizer's tokens,
+    special tokens included and without truncation. `policy` is
+    `config.prompts.on_too_long`: "warn" logs one warning (logger "bpgo_jax")
+    with the count and an example; "error" raises ConfigError naming `field`
+    and the first prompt too long.
+    """
+    if policy not in ("warn", "error"):
+        raise ConfigError(f"prompts.on_too_long={policy!r} is not one of ('warn', 'error')")
+    long = [(p, n) for p in prompts if (n := count_tokens(p)) > max_length]
+    if not long:
+        return
+    first, tokens = long[0]
+    summary = (
+        f"{field}: {len(long)} of {len(prompts)} prompts have more than the "
+        f"{max_length} tokens the text encoder reads"
+    )
+    if policy == "error":
+        raise ConfigError(
+            f"{summary}, the first: {first!r} ({tokens} tokens); shorten them, or set "
+            "prompts.on_too_long='warn' to cut them"
+        )
+    logging.getLogger("bpgo_jax").warning(
+        "%s and are cut to that length, e.g. %r (%d tokens)", summary, first, tokens
+    )
 
 
 def prompt_ids(num_prompts: int, seed: int, position: int, count: int) -> np.ndarray:
