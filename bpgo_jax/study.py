@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 
 from bpgo_jax.config import validate
-from bpgo_jax.train import Trainer
+from bpgo_jax.train import train
 
 
 def run_config(base: ml_collections.ConfigDict, method: dict, seed: int):
@@ -123,7 +123,7 @@ def plot(summary: dict, study, path: Path) -> None:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
-    Trainer(config, workdir).train()
+    train(config, workdir)
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -135,13 +135,30 @@ def _worker_init(compile_cache: str) -> None:
     runtime.enable_compile_cache(compile_cache)
 
 
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable(value):
+    """`value` with absolute paths inside this package's tree made relative to it,
+    so a written study names `bpgo_jax/world/assets/...`, not a machine's paths."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(portable(v) for v in value)
+    if isinstance(value, str) and value.startswith("/"):
+        path = Path(value)
+        if path.is_relative_to(_PACKAGE_ROOT):
+            return str(path.relative_to(_PACKAGE_ROOT))
+    return value
+
+
 def run_study(config: ml_collections.ConfigDict, outdir: Path, compile_cache: str = "") -> dict:
     """Trains every (method, seed) run, then writes study.json, study.md and study.png.
 
     `study.workers` > 1 trains that many runs at once, each in its own spawned
     process (JAX state is per process; a fork would copy a live runtime). On
     CPU one run's programs keep about one core busy, so two workers on two
-    cores finish a study about 1.6x sooner (README "Speed"); on a single
+    cores finish a study about 1.6x sooner (docs/performance.md); on a single
     accelerator keep 1. Results do not depend on the worker count.
     """
     study = config.study
@@ -187,7 +204,9 @@ def run_study(config: ml_collections.ConfigDict, outdir: Path, compile_cache: st
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "study.json").write_text(
         json.dumps(
-            {"config": config.to_dict(), "runs": results, "summary": summary}, indent=1, default=str
+            {"config": portable(config.to_dict()), "runs": results, "summary": summary},
+            indent=1,
+            default=str,
         )
     )
     (outdir / "study.md").write_text(table(summary, study, len(study.seeds)))

@@ -9,7 +9,7 @@
 - an interrupted (SIGTERM) and resumed run reproduces the uninterrupted one;
 - non-finite rewards skip updates and abort after too many, keeping the
   last checkpoint;
-- patch noise and group-shared initial noise keep the update on-policy.
+- group-shared initial noise (DanceGRPO) keeps the update on-policy.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ import numpy as np
 import pytest
 from tiny_config import tiny_config
 
+from bpgo_jax.build import build_run, build_training, load_policy
+from bpgo_jax.errors import ConfigError, DivergedError, Preempted
+from bpgo_jax.logs import RunLogger
 from bpgo_jax.rewards.base import Reward, register
-from bpgo_jax.rollout import samplers
-from bpgo_jax.train import Trainer
+from bpgo_jax.train import evaluate, train
 
 TIMING_KEYS = {"rollout_seconds", "train_seconds", "images_per_second"}
 
@@ -57,8 +59,12 @@ def _nan_reward(cfg):
     )
 
 
-def _params(trainer):
-    return jax.tree.map(np.asarray, jax.device_get(trainer.state.trainable))
+def _params(trainable):
+    return jax.tree.map(np.asarray, jax.device_get(trainable))
+
+
+def _rows(workdir):
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _config(tmp_path, **kw):
@@ -81,9 +87,8 @@ def _config(tmp_path, **kw):
 def baseline(tmp_path_factory):
     """Uninterrupted 2-epoch run on one device."""
     tmp = tmp_path_factory.mktemp("baseline")
-    trainer = Trainer(_config(tmp, **{"mesh.num_devices": 1}), tmp / "run")
-    records = trainer.train()
-    return records, _params(trainer)
+    result = train(_config(tmp, **{"mesh.num_devices": 1}), tmp / "run")
+    return result.records, _params(result.state.trainable)
 
 
 def _strip(record):
@@ -98,12 +103,12 @@ def test_baseline_trains_on_policy(baseline):
         assert r["onpolicy_ratio_max_dev"] == 0.0
         assert np.isfinite(r["loss"]) and r["grad_norm"] > 0
     # The second update of an epoch is off-policy: its ratios moved.
-    assert records[0]["ratio_max_dev"] > 0
+    assert records[0]["approx_kl"] > 0
     assert records[1]["prior_mean"] != records[0]["prior_mean"]  # moving-average prior moved
 
 
-def _assert_same_run(records, params, other_records, trainer):
-    for a, b in zip(records, other_records, strict=True):
+def _assert_same_run(records, params, other):
+    for a, b in zip(records, other.records, strict=True):
         for key in (
             "reward_mean",
             "reward_std",
@@ -119,23 +124,23 @@ def _assert_same_run(records, params, other_records, trainer):
         assert b["onpolicy_ratio_max_dev"] == 0.0
     # Adam divides by sqrt(v): for near-zero gradients, summation-order noise
     # becomes an update of up to lr (1e-3) per step. 1e-5 is 1% of one step.
-    got = _params(trainer)
+    got = _params(other.state.trainable)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), got, params)
 
 
 @pytest.mark.parametrize("shape", [(8, 1), (4, 2)])
 def test_sharded_matches_unsharded(baseline, tmp_path, shape):
-    trainer = Trainer(_config(tmp_path, **{"mesh.shape": shape}), tmp_path / "run")
-    assert trainer.mesh.devices.size == 8
-    _assert_same_run(*baseline, trainer.train(), trainer)
+    result = train(_config(tmp_path, **{"mesh.shape": shape}), tmp_path / "run")
+    assert result.state.trainable["unet"]["conv_in"]["kernel"].sharding.mesh.devices.size == 8
+    _assert_same_run(*baseline, result)
 
 
 def test_scanned_accumulation_matches_host_loop(baseline, tmp_path):
     # The baseline (CPU) accumulates with a host loop; GPU/TPU default to scan.
     config = _config(tmp_path, **{"mesh.num_devices": 1, "train.accumulate": "scan"})
-    trainer = Trainer(config, tmp_path / "run")
-    assert "train_step" in trainer._jitted
-    _assert_same_run(*baseline, trainer.train(), trainer)
+    training, _ = build_training(*build_run(config))
+    assert training.update.accumulate == "scan"
+    _assert_same_run(*baseline, train(config, tmp_path / "run"))
 
 
 def test_sigterm_then_resume_matches_uninterrupted(baseline, tmp_path):
@@ -143,29 +148,21 @@ def test_sigterm_then_resume_matches_uninterrupted(baseline, tmp_path):
     workdir = tmp_path / "run"
     # The host reward sends SIGTERM during epoch 0's rollout: the run finishes
     # that epoch, checkpoints and stops.
-    first = Trainer(
-        _config(
-            tmp_path,
-            **{
-                "mesh.num_devices": 1,
-                "rewards": {
-                    "saturation": {"weight": 1.0},
-                    "test_sigterm_first_call": {"weight": 0.0, "at_call": 1},
-                },
-            },
-        ),
-        workdir,
-    )
-    part = first.train()
+    rewards = {
+        "saturation": {"weight": 1.0},
+        "test_sigterm_first_call": {"weight": 0.0, "at_call": 1},
+    }
+    with pytest.raises(Preempted, match="epoch 1"):
+        train(_config(tmp_path, **{"mesh.num_devices": 1, "rewards": rewards}), workdir)
+    part = _rows(workdir)
     assert len(part) == 1
-    assert first.ckpt.latest() == 1
-    second = Trainer(_config(tmp_path, **{"mesh.num_devices": 1}), workdir)
-    assert second.epoch == 1
-    rest = second.train()
-    assert [_strip(r) for r in part + rest] == [_strip(r) for r in records]
-    jax.tree.map(np.testing.assert_array_equal, _params(second), params)
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+    # The same run without the reward that sends SIGTERM (weight 0: results unchanged).
+    rest = train(_config(tmp_path, **{"mesh.num_devices": 1}), workdir, allow_config_change=True)
+    assert [r["epoch"] for r in rest.records] == [1]
+    assert [_strip(r) for r in part + rest.records] == [_strip(r) for r in records]
+    jax.tree.map(np.testing.assert_array_equal, _params(rest.state.trainable), params)
+    assert [row["epoch"] for row in _rows(workdir)] == [0, 1]
 
 
 def test_ddim_with_guidance_is_on_policy(tmp_path):
@@ -190,12 +187,12 @@ def test_ddim_with_guidance_is_on_policy(tmp_path):
         },
     )
     (tmp_path / "other.txt").write_text("a tree\na dog\na boat\na lamp\n")
-    records = Trainer(config, tmp_path / "run").train()
+    records = train(config, tmp_path / "run").records
     assert records[0]["onpolicy_ratio_max_dev"] == 0.0
     assert records[0]["approx_kl"] == 0.0
     assert np.isfinite(records[0]["kl_ref"])
     # Evaluation logs the starting policy first, then after the epoch's update.
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = _rows(tmp_path / "run")
     assert [x["samples_seen"] for x in lines] == [0, 16]
     assert set(lines[0]) == {"epoch", "samples_seen", "eval_sat", "eval_sat_other"}
     assert lines[1]["eval_sat"] != lines[0]["eval_sat"]  # EMA weights moved
@@ -217,50 +214,29 @@ def test_eval_noise_ode_evaluates_with_the_deterministic_sampler(tmp_path):
                 "eval.num_prompts": 4,
             },
         )
-        trainer = Trainer(config, tmp_path / f"run_{noise or 'sde'}")
-        assert np.all(trainer.sampler.tables["std"] > 0)
-        assert np.all(trainer.eval_sampler.tables["std"] == 0) == (noise == "ode")
-        evals[noise] = trainer.evaluate()["eval_saturation"]
-        trainer.ckpt.close()
-        trainer.logger.close()
+        run, trainable = build_run(config)
+        _, state = build_training(run, trainable)
+        assert np.all(run.sampler.tables["std"] > 0)
+        assert np.all(run.eval_sampler.tables["std"] == 0) == (noise == "ode")
+        logger = RunLogger(tmp_path / f"run_{noise or 'sde'}", tensorboard=False)
+        evals[noise] = evaluate(run, state, logger, 0)["eval_saturation"]
+        logger.close()
     assert evals["ode"] != evals[""]
 
 
-def test_patch_noise_and_shared_initial_noise_stay_on_policy(tmp_path):
-    """Patch noise on the first step only and one initial noise per group: every
-    group's samples start alike, step 0's noise is constant over 2x2 patches, later
-    steps' is not, and the update's recomputed ratios are still exactly 1."""
-    config = _config(
-        tmp_path,
-        **{
-            "sample.noise_patch": 2,
-            "sample.noise_patch_window": (0, 1),
-            "sample.shared_initial_noise": True,
-            "train.num_epochs": 1,
-        },
+def test_shared_initial_noise_stays_on_policy(tmp_path):
+    """One initial noise per group (DanceGRPO): every group's samples start alike,
+    groups differ, and the update's recomputed ratios are still exactly 1."""
+    config = _config(tmp_path, **{"sample.shared_initial_noise": True, "train.num_epochs": 1})
+    run, trainable = build_run(config)
+    rollout = run.generate(
+        np.arange(4), run.prompts, per_prompt=4, trainable=trainable, epoch_key=run.epoch_key(0, 0)
     )
-    trainer = Trainer(config, tmp_path / "run")
-    ids = np.arange(4)
-    latents, outs, *_ = trainer.generate(
-        ids,
-        trainer.prompts,
-        per_prompt=4,
-        trainable=trainer.state.trainable,
-        epoch_key=trainer._epoch_key(0, 0),
-        bar_desc="rollout",
-    )
-    x0 = np.asarray(latents[:, 0]).reshape(4, 4, -1)
+    x0 = np.asarray(rollout.latents[:, 0]).reshape(4, 4, -1)
     assert np.all(x0 == x0[:, :1]) and len({row.tobytes() for row in x0[:, 0]}) == 4
-    for k, patched in ((0, True), (1, False)):
-        steps = jax.numpy.full((16,), k)
-        mean, std = samplers.transition(trainer.sampler, steps, latents[:, k], outs[:, k])
-        eps = np.asarray((latents[:, k + 1] - mean) / std)
-        blocks = eps.reshape(16, 4, 2, 4, 2, 3)
-        assert np.allclose(blocks, blocks[:, :, :1, :, :1], atol=1e-4) == patched
-    (record,) = trainer.train()
+    assert not np.array_equal(rollout.latents[0, 1], rollout.latents[1, 1])  # step noise differs
+    (record,) = train(config, tmp_path / "run").records
     assert record["onpolicy_ratio_max_dev"] == 0.0 and record["grad_norm"] > 0
-    trainer.ckpt.close()
-    trainer.logger.close()
 
 
 def test_non_finite_rewards_skip_then_abort(tmp_path):
@@ -274,12 +250,28 @@ def test_non_finite_rewards_skip_then_abort(tmp_path):
             "mesh.num_devices": 1,
         },
     )
-    trainer = Trainer(config, tmp_path / "run")
-    before = _params(trainer)
-    with pytest.raises(RuntimeError, match="consecutive updates skipped"):
-        trainer.train()
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    with pytest.raises(DivergedError, match="consecutive updates skipped"):
+        train(config, tmp_path / "run")
+    lines = _rows(tmp_path / "run")
     assert [x["skipped_updates"] for x in lines] == [1, 2]
     assert lines[0]["non_finite_reward_count"] == 16
-    jax.tree.map(np.testing.assert_array_equal, _params(trainer), before)
-    assert trainer.ckpt.latest() == 1  # the epoch before the abort is kept
+    # The epoch before the abort is kept, with the initial (never updated) weights.
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1"]
+    policy = load_policy(config, tmp_path / "run")
+    _, initial = build_run(config)
+    assert policy.epoch == 1
+    jax.tree.map(np.testing.assert_array_equal, _params(policy.trainable), _params(initial))
+
+
+def test_prompts_longer_than_the_encoder_reads_are_refused_or_reported(tmp_path, caplog):
+    config = tiny_config(tmp_path, **{"prompts.on_too_long": "error"})
+    long = "a " + " ".join(["very"] * 10) + " red circle"  # 13 tokens; the encoder reads 8
+    with open(config.prompts.path, "a") as f:
+        f.write(long + "\n")
+    with pytest.raises(ConfigError, match=r"prompts.path: 1 of 5 prompts .* 8 tokens"):
+        build_run(config)
+    config.prompts.on_too_long = "warn"
+    with caplog.at_level("WARNING", logger="bpgo_jax"):
+        run, _ = build_run(config)
+    assert len(run.prompts) == 5
+    assert sum("1 of 5 prompts" in r.getMessage() for r in caplog.records) == 1

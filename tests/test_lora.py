@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from bpgo_jax.models import lora
 from bpgo_jax.models.sd import LoraSpec, preset, sd_model
-from bpgo_jax.models.sd.pipeline import build_model, modules_from_configs
+from bpgo_jax.models.sd.pipeline import model_from_modules, modules_from_configs
 
 
 class Net(nn.Module):
@@ -130,7 +130,7 @@ def test_sd_pipeline_with_lora():
     assert len(paths) == 32
     # rank * (in + out) per kernel
     assert lora.num_params(trainable) == sum(2 * sum(_shape(frozen["unet"], p)) for p in paths)
-    plain = build_model(modules_from_configs(preset("tiny")))
+    plain = model_from_modules(modules_from_configs(preset("tiny")))
     rs = np.random.RandomState(0)
     x = rs.randn(2, *model.latent_shape).astype(np.float32)
     t = np.array([3.0, 800.0], np.float32)
@@ -213,7 +213,7 @@ def test_built_in_model_lora(tmp_path):
     from tiny_config import tiny_config
 
     from bpgo_jax.models import build_model
-    from bpgo_jax.train import Trainer
+    from bpgo_jax.train import train
 
     cfg = tiny_config(tmp_path, **{"model.lora.rank": 2, "train.num_epochs": 1})
     model, trainable, frozen = build_model(cfg.model, jax.random.key(0))
@@ -231,5 +231,5 @@ def test_built_in_model_lora(tmp_path):
         model.predict(trainable, frozen, x, t, cond),
         model.predict(base_trainable, frozen, x, t, cond),
     )
-    records = Trainer(cfg, tmp_path / "run").train()
+    records = train(cfg, tmp_path / "run").records
     assert records[0]["onpolicy_ratio_max_dev"] == 0.0

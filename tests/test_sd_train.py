@@ -117,7 +117,7 @@ def test_lora_run_trains_checkpoints_and_resumes(folders, tmp_path):
     # One update per epoch (train.batch_size = samples per epoch), so each
     # epoch's update is on-policy: the update must recompute the rollout's
     # log-probs bit for bit (ratio exactly 1), before and after resuming.
-    assert [r["ratio_max_dev"] for r in records] == [0.0, 0.0, 0.0]
+    assert [r["onpolicy_ratio_max_dev"] for r in records] == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.slow
@@ -133,7 +133,7 @@ def test_full_fine_tune_run_trains_the_sharded_unet(folders, tmp_path):
         "--config.train.kl_beta=0.01",
     )
     (record,) = _records(workdir)
-    assert record["ratio_max_dev"] == 0.0 and record["approx_kl"] == 0.0
+    assert record["onpolicy_ratio_max_dev"] == 0.0 and record["approx_kl"] == 0.0
     assert np.isfinite(record["loss"]) and record["grad_norm"] > 0
     assert np.isfinite(record["kl_ref"]) and record["skipped_updates"] == 0
 

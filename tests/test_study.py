@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import ml_collections
 import numpy as np
 import pytest
-from commands import ROOT, last_line, run_launch
+from commands import last_line, run_launch
 from tiny_config import tiny_config
 
 from bpgo_jax import study
 from bpgo_jax.config import ConfigError
-from bpgo_jax.train import Trainer
+from bpgo_jax.train import train
 
 
 def _runs(offsets):
@@ -99,7 +100,7 @@ def test_parallel_workers_reproduce_an_in_process_run(tmp_path):
     summary = study.run_study(base, tmp_path / "study")
     assert (tmp_path / "study" / "study.png").is_file()
     ref_dir = tmp_path / "in_process"
-    Trainer(study.run_config(base, {"method": "grpo"}, 0), ref_dir).train()
+    train(study.run_config(base, {"method": "grpo"}, 0), ref_dir)
     ref = [[json.loads(x) for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]]
     for key, metric in (("reward", "reward_mean"), ("sat", "sat")):
         assert summary["grpo"][key] == study.curves(ref, metric)
@@ -125,10 +126,19 @@ def test_bad_method_fails_before_any_run(tmp_path):
 def test_study_command_reports_a_bad_config_in_one_line(tmp_path):
     run = run_launch(
         "study.py",
-        f"--config={ROOT / 'configs' / 'study.py'}",
+        "--config=configs/study.py",
         f"--outdir={tmp_path / 'out'}",
         "--config.study.methods.grpo.method=gpro",
     )
     assert run.returncode == 1, run.stderr
     last = last_line(run.stderr)
     assert last.startswith("error: advantage.method='gpro' is not one of"), last
+
+
+def test_written_configs_hold_no_machine_paths():
+    inside = str(Path(study.__file__).resolve().parent / "world" / "assets" / "prompts_val.jsonl")
+    config = {"prompts": {"path": inside}, "eval": {"extra": [inside, "/elsewhere/x.txt"]}}
+    assert study.portable(config) == {
+        "prompts": {"path": "bpgo_jax/world/assets/prompts_val.jsonl"},
+        "eval": {"extra": ["bpgo_jax/world/assets/prompts_val.jsonl", "/elsewhere/x.txt"]},
+    }

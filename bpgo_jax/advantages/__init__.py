@@ -4,7 +4,6 @@ from bpgo_jax.advantages.bpgo import (
     BPGOAdvantages,
     advantage_metrics,
     bpgo_advantages,
-    combined_advantages,
     crt_rewards,
     ras_weights,
 )
@@ -16,7 +15,6 @@ __all__ = [
     "PerPromptStatTracker",
     "advantage_metrics",
     "bpgo_advantages",
-    "combined_advantages",
     "crt_rewards",
     "grpo_advantages",
     "ras_weights",

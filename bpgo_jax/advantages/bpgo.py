@@ -10,9 +10,7 @@ CRT-transformed rewards. The surrogate min(r*A, clip(r)*A) is not linear in A
 once the ratio leaves the clip range (which side is taken depends on the sign
 of A), so one surrogate on the combined advantage w*A + s*At is NOT the same
 loss: A and At can have opposite signs for the same sample. Keeping two terms
-also makes the RAS-only and CRT-only ablations exact. `combined_advantages`
-gives w*A + s*At for logging; it equals the loss's advantage only while the
-clip is inactive.
+also makes the RAS-only and CRT-only ablations exact.
 
 Both modules read the RAW rewards. (The public implementation overwrote the
 rewards with their CRT transform and then computed RAS on those; here CRT
@@ -134,12 +132,6 @@ def bpgo_advantages(
         # A traced crt_coef cannot skip the work, but still yields exact zeros.
         crt_adv = jnp.where(crt_coef == 0, 0.0, crt_adv)
     return BPGOAdvantages(adv, w, crt_adv, jnp.asarray(crt_coef, jnp.float32))
-
-
-def combined_advantages(b: BPGOAdvantages) -> jax.Array:
-    """w[:, None] * A + s * At [N, G], for logging: the loss's effective advantage
-    only while no PPO ratio is clipped (see the module docstring)."""
-    return b.ras_weights[:, None] * b.advantages + b.crt_coef * b.crt_advantages
 
 
 def advantage_metrics(rewards: jax.Array, b: BPGOAdvantages) -> dict[str, jax.Array]:

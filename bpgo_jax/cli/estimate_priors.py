@@ -2,15 +2,17 @@
 
     python launch/estimate_priors.py --config=configs/image.py --workdir=runs/base \
         --k=8 --output=prompts_with_priors.jsonl
+    python launch/estimate_priors.py --config=configs/image.py --base_weights \
+        --k=8 --output=prompts_with_priors.jsonl
 
-Uses the latest checkpoint in --workdir (or the config's initial weights when
-there is none) and the config's training reward. The output is the prompt
-file with a `prior` field on every line; train with it through
+Uses the latest checkpoint in --workdir (or, with --base_weights, the
+config's initial weights) and the config's training reward; writes nothing to
+the workdir. The output is the prompt file with a `prior` field on every
+line; train with it through
 `--config.prompts.path=prompts_with_priors.jsonl --config.prior.kind=fixed`.
 """
 
 import json
-import sys
 from pathlib import Path
 
 from absl import flags
@@ -20,55 +22,70 @@ from bpgo_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (latest checkpoint is used).")
+_BASE = flags.DEFINE_bool("base_weights", False, "Use the config's initial weights instead.")
 _K = flags.DEFINE_integer("k", 8, "Rollouts per prompt.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output .jsonl prompt file with priors.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N prompts (0: all).")
-flags.mark_flags_as_required(["config", "workdir", "output"])
+_CACHE = runtime.define_compile_cache_flag()
+_CPU_DEVICES = runtime.define_cpu_devices_flag()
+flags.adopt_module_key_flags(runtime)  # list them in --help
+flags.mark_flags_as_required(["config", "output"])
 
 
 def main(argv):
     del argv
+    runtime.set_cpu_devices(_CPU_DEVICES.value)
     runtime.quiet_absl()
+    runtime.enable_compile_cache(_CACHE.value)
     import jax
     import numpy as np
 
-    from bpgo_jax.train import Trainer
+    from bpgo_jax.build import load_policy
+    from bpgo_jax.errors import UserError
+    from bpgo_jax.rollout.step import to_host
 
+    if not _WORKDIR.value and not _BASE.value:
+        raise UserError("give --workdir (a training run) or --base_weights")
     config = _CONFIG.value
-    config.log.tensorboard = False
-    try:
-        trainer = Trainer(config, _WORKDIR.value)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-    prompts = trainer.prompts
-    n = min(_LIMIT.value or len(prompts), len(prompts))
     k, bs = _K.value, config.sample.batch_size
-    if bs % k:
-        sys.exit(f"error: sample.batch_size={bs} must be a multiple of --k={k}")
+    if k < 1 or bs % k:
+        raise UserError(f"sample.batch_size={bs} must be a multiple of --k={k}")
+    out = Path(_OUTPUT.value)
+    if out.resolve() == Path(config.prompts.path).resolve():
+        raise UserError(f"--output={out} is the config's prompt file: write the priors elsewhere")
+    policy = load_policy(config, _WORKDIR.value, base_weights=_BASE.value, use_ema=False)
+    run, prompts = policy.run, policy.run.prompts
+    n = min(_LIMIT.value or len(prompts), len(prompts))
     count = -(-n // (bs // k)) * (bs // k)
-    ids = np.arange(count) % len(prompts)
-    _, _, _, scores, _, _ = trainer.generate(
-        ids,
+    rollout = run.generate(
+        np.arange(count) % len(prompts),
         prompts,
         per_prompt=k,
-        trainable=trainer.state.trainable,
-        epoch_key=jax.device_put(jax.random.key_data(jax.random.key(12345)), trainer.repl),
-        bar_desc="prior rollouts",
+        trainable=policy.trainable,
+        epoch_key=jax.device_put(jax.random.key_data(jax.random.key(12345)), run.replicated),
+        desc="prior rollouts",
     )
-    total = np.asarray(trainer.rewards.total({n_: np.asarray(v) for n_, v in scores.items()}))
+    total = to_host(run.rewards.total(rollout.scores))
     priors = total.reshape(count, k).mean(axis=1)[:n]
+    if not np.all(np.isfinite(priors)):
+        bad = np.flatnonzero(~np.isfinite(priors))[:8].tolist()
+        raise UserError(f"non-finite rewards for prompt ids {bad}: no priors written")
     if jax.process_index() != 0:
         return
-    out = Path(_OUTPUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        for i in range(n):
-            entry = {
+    lines = [
+        json.dumps(
+            {
                 "prompt": prompts.prompts[i],
                 "prior": float(priors[i]),
                 "metadata": prompts.metadata[i],
             }
-            f.write(json.dumps(entry) + "\n")
+        )
+        for i in range(n)
+    ]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(out)
     print(f"wrote {n} priors (mean {priors.mean():.4f}, std {priors.std():.4f}) to {out}")
 
 

@@ -1,16 +1,20 @@
-"""Samples images from a run's latest checkpoint (or the config's weights).
+"""Samples images from a run's latest checkpoint (or, asked for, the config's base weights).
 
     python launch/sample.py --config=configs/image.py --workdir=runs/image \
         --outdir=samples --prompt="a red circle" --prompt="two blue squares" --num_per_prompt=4
     python launch/sample.py --config=configs/image.py --workdir=runs/image \
         --outdir=samples --prompts_file=bpgo_jax/world/assets/prompts_heldout.jsonl
+    python launch/sample.py --config=configs/image.py --base_weights --outdir=base_samples \
+        --prompt="a red circle"
 
-Writes `OUTDIR/NNNNN.png` and `OUTDIR/index.json` (file, prompt, seed index and
-the config's rewards for each image).
+Writes `OUTDIR/NNNNN.png` and `OUTDIR/index.json` (file, prompt, sample index
+and the config's rewards of each image; a non-finite reward is null). Reads
+the workdir only: nothing there is written, and a workdir without a
+checkpoint is refused unless --base_weights is given.
 """
 
 import json
-import sys
+import math
 from pathlib import Path
 
 from absl import flags
@@ -20,70 +24,77 @@ from bpgo_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory whose latest checkpoint is used.")
+_BASE = flags.DEFINE_bool("base_weights", False, "Sample the config's initial weights instead.")
 _OUTDIR = flags.DEFINE_string("outdir", None, "Where PNGs and index.json go.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A .txt or .jsonl prompt file.")
 _NUM = flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _EMA = flags.DEFINE_bool("use_ema", True, "Use EMA weights when the run kept them.")
-flags.mark_flags_as_required(["config", "workdir", "outdir"])
+_CACHE = runtime.define_compile_cache_flag()
+_CPU_DEVICES = runtime.define_cpu_devices_flag()
+flags.adopt_module_key_flags(runtime)  # list them in --help
+flags.mark_flags_as_required(["config", "outdir"])
 
 
 def main(argv):
     del argv
+    runtime.set_cpu_devices(_CPU_DEVICES.value)
     runtime.quiet_absl()
+    runtime.enable_compile_cache(_CACHE.value)
     import jax
     import numpy as np
     from PIL import Image
 
+    from bpgo_jax.build import load_policy
+    from bpgo_jax.errors import UserError
     from bpgo_jax.prompts import PromptSet, load_prompts
-    from bpgo_jax.train import Trainer
 
+    if not _WORKDIR.value and not _BASE.value:
+        raise UserError("give --workdir (a training run) or --base_weights")
     if _PROMPTS_FILE.value:
         prompts = load_prompts(_PROMPTS_FILE.value)
     elif _PROMPT.value:
         prompts = PromptSet(tuple(_PROMPT.value), tuple({} for _ in _PROMPT.value), None)
     else:
-        sys.exit("error: give --prompt (repeatable) or --prompts_file")
+        raise UserError("give --prompt (repeatable) or --prompts_file")
     config = _CONFIG.value
-    config.log.tensorboard = False
-    try:
-        trainer = Trainer(config, _WORKDIR.value)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     n, k, bs = len(prompts), _NUM.value, config.sample.batch_size
-    count = -(-n * k // bs) * bs // k if (bs % k == 0) else None
-    if count is None:
-        sys.exit(f"error: sample.batch_size={bs} must be a multiple of --num_per_prompt={k}")
-    ids = np.arange(count) % n
-    state = trainer.state
-    params = state.ema if _EMA.value and config.train.ema_decay else state.trainable
-    _, _, _, scores, images, texts = trainer.generate(
-        ids,
+    if k < 1 or bs % k:
+        raise UserError(f"sample.batch_size={bs} must be a multiple of --num_per_prompt={k}")
+    policy = load_policy(config, _WORKDIR.value, base_weights=_BASE.value, use_ema=_EMA.value)
+    run = policy.run
+    count = -(-n * k // bs) * bs // k
+    key = jax.device_put(jax.random.key_data(jax.random.key(_SEED.value)), run.replicated)
+    rollout = run.generate(
+        np.arange(count) % n,
         prompts,
         per_prompt=k,
-        trainable=params,
-        epoch_key=jax.device_put(jax.random.key_data(jax.random.key(_SEED.value)), trainer.repl),
-        bar_desc="sampling",
+        trainable=policy.trainable,
+        epoch_key=key,
+        desc="sampling",
     )
     if jax.process_index() != 0:
         return
     out = Path(_OUTDIR.value)
     out.mkdir(parents=True, exist_ok=True)
-    scores = {name: np.asarray(v) for name, v in scores.items()}
+    scores = {name: np.asarray(v) for name, v in rollout.scores.items()}
+    finite = lambda x: float(x) if math.isfinite(x) else None
     index = []
     for i in range(n * k):
         name = f"{i:05d}.png"
-        Image.fromarray((np.clip(images[i], 0, 1) * 255).round().astype(np.uint8)).save(out / name)
+        pixels = (np.clip(rollout.images[i], 0, 1) * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(out / name)
         index.append(
             {
                 "file": name,
-                "prompt": texts[i],
+                "prompt": rollout.prompts[i],
                 "sample": i % k,
-                "rewards": {r: float(v[i]) for r, v in scores.items()},
+                "rewards": {r: finite(v[i]) for r, v in scores.items()},
             }
         )
-    (out / "index.json").write_text(json.dumps({"epoch": trainer.epoch, "images": index}, indent=1))
+    text = json.dumps({"epoch": policy.epoch, "images": index}, indent=1, allow_nan=False)
+    (out / "index.json").write_text(text)
     print(f"wrote {n * k} images to {out}")
 
 

@@ -1,15 +1,16 @@
-"""Post-trains a generator with BPGO or a GRPO-family baseline.
+r"""Post-trains a generator with BPGO or a GRPO-family baseline.
 
     python launch/train.py --config=configs/image.py --workdir=runs/image
     python launch/train.py --config=configs/image.py --workdir=runs/x \
         --config.advantage.method=grpo --config.train.num_epochs=40
 
-Re-running with the same --workdir resumes from its latest checkpoint. On a
+Re-running with the same --workdir resumes from its latest checkpoint (a
+changed config is refused unless --allow_config_change). SIGTERM saves a
+checkpoint and exits with code 75 (requeue and re-run to resume). On a
 multi-core CPU add --cpu_devices=N (N cores) to use them all.
 """
 
 import logging
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -18,6 +19,12 @@ from bpgo_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume although the config differs from the one the workdir was trained with "
+    "(the differences are logged and recorded in WORKDIR/config_history.jsonl).",
+)
 _CACHE = runtime.define_compile_cache_flag()
 _CPU_DEVICES = runtime.define_cpu_devices_flag(
     "N must divide sample.batch_size and train.micro_batch_size."
@@ -32,14 +39,9 @@ def main(argv):
     runtime.quiet_absl()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     runtime.enable_compile_cache(_CACHE.value)
-    from bpgo_jax.config import ConfigError
-    from bpgo_jax.train import Trainer
+    from bpgo_jax.train import train
 
-    try:
-        trainer = Trainer(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    trainer.train()
+    train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
 
 
 def run() -> None:

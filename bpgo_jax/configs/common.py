@@ -1,4 +1,4 @@
-"""Defaults shared by every run config; each field is documented in README.md.
+"""Defaults shared by every run config; each field is documented in docs/config.md.
 
 Configs import this and override what differs. Every field can be set from
 the command line: `--config.train.lr=3e-4 --config.sample.group_size=8`.
@@ -51,13 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
         noise="flow_grpo",
         noise_level=0.7,
         shift=1.0,  # flow SDE
-        # > 1: step noise constant over noise_patch x noise_patch latent patches
-        # (fewer random dimensions per step: lower-variance policy gradients) on
-        # the steps noise_patch_window=(start, stop) (() = all steps).
-        noise_patch=1,
-        noise_patch_window=(),
-        # The G samples of a group start from one initial noise (DanceGRPO):
-        # rewards then differ by the sampler's step noise only.
+        # The G samples of a group start from one initial noise (DanceGRPO's
+        # shared initial noise): rewards then differ by the step noise only.
         shared_initial_noise=False,
         group_size=8,
         prompts_per_epoch=8,
@@ -90,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
         micro_batch_size=16,
         timestep_fraction=1.0,
         # Steps [start, stop) that training draws from; () = every step. The
-        # early, high-noise steps decide composition (see README "Status").
+        # early, high-noise steps decide composition (docs/status_history.md).
         timestep_window=(),
         clip_range=1e-4,
         kl_beta=0.0,

@@ -56,11 +56,8 @@ class RewardSet:
         }
 
     def total(self, components: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Weighted sum of the components, in the order of the config."""
-        return sum(
-            w * np.asarray(components[n], np.float32)
-            for n, w in zip(self.names, self.weights, strict=True)
-        )
+        """Weighted sum of the components (float32 arrays, host or device), in config order."""
+        return sum(w * components[n] for n, w in zip(self.names, self.weights, strict=True))
 
 
 def build_reward_set(cfg: ml_collections.ConfigDict) -> RewardSet:

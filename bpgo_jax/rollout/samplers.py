@@ -36,11 +36,6 @@ class Sampler:
     guidance_scale: float
     tables: dict[str, np.ndarray] = dataclasses.field(hash=False, compare=False)
     clip_sample: float | None = None
-    # > 1: the noise of the steps marked in tables["patch"] is constant over
-    # noise_patch x noise_patch latent patches (drawn at 1/noise_patch
-    # resolution); their log-probs and ratios are those of the patch means,
-    # the only part of such a step that is random.
-    noise_patch: int = 1
     # The tables' values, derived: samplers that differ only in noise must not
     # compare (or hash) equal, or a jit cache would hand one the other's program.
     table_values: tuple = dataclasses.field(init=False, repr=False)
@@ -51,7 +46,7 @@ class Sampler:
 
     def __hash__(self):  # static argument of jitted functions
         key = (self.kind, self.prediction_type, self.num_steps, self.guidance_scale)
-        return hash((*key, self.clip_sample, self.noise_patch, self.table_values))
+        return hash((*key, self.clip_sample, self.table_values))
 
 
 def make_sampler(cfg, model: DiffusionModel) -> Sampler:
@@ -71,19 +66,7 @@ def make_sampler(cfg, model: DiffusionModel) -> Sampler:
         clip = None
     else:
         raise ValueError(f"sample.kind={cfg.kind!r} is not 'ddim' or 'flow'")
-    patch = getattr(cfg, "noise_patch", 1)
-    if patch < 1 or (patch > 1 and any(n % patch for n in model.latent_shape[:2])):
-        raise ValueError(
-            f"sample.noise_patch={patch} must be >= 1 and divide the latent size "
-            f"{model.latent_shape[:2]}"
-        )
-    if patch > 1:
-        start, stop = tuple(getattr(cfg, "noise_patch_window", ())) or (0, cfg.num_steps)
-        steps = np.arange(cfg.num_steps)
-        tables = dict(tables, patch=((steps >= start) & (steps < stop)).astype(np.float32))
-    return Sampler(
-        cfg.kind, model.prediction_type, cfg.num_steps, cfg.guidance_scale, tables, clip, patch
-    )
+    return Sampler(cfg.kind, model.prediction_type, cfg.num_steps, cfg.guidance_scale, tables, clip)
 
 
 def guided_prediction(model, guidance_scale, trainable, frozen, x, t, cond, uncond):
@@ -127,24 +110,12 @@ def transition(sampler: Sampler, k: jax.Array, x: jax.Array, out: jax.Array):
     return mean, col("std")
 
 
-def patch_mean(x: jax.Array, patch: int) -> jax.Array:
-    """Means over patch x patch blocks of the spatial axes of `x` [B, H, W, C]."""
-    if patch == 1:
-        return x
-    b, h, w, c = x.shape
-    return x.reshape(b, h // patch, patch, w // patch, patch, c).mean(axis=(2, 4))
-
-
-def gaussian_logprob(
-    x_next: jax.Array, mean: jax.Array, std: jax.Array, patch: int = 1
-) -> jax.Array:
+def gaussian_logprob(x_next: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
     """log N(x_next; mean, std^2), averaged over non-batch dims (DDPO convention).
 
-    With `patch` > 1 the step's noise is constant over patches, so the random
-    part of x_next is its patch means: their log-density under N(patch means of
-    `mean`, std^2).
+    The policy's log-probability of a step; the update never computes it, only
+    `log_ratio`, its exact difference between two policies.
     """
-    x_next, mean = patch_mean(x_next, patch), patch_mean(mean, patch)
     lp = -((x_next - mean) ** 2) / (2 * std**2) - jnp.log(std) - 0.5 * math.log(2 * math.pi)
     return lp.mean(axis=tuple(range(1, lp.ndim)))
 
@@ -168,58 +139,24 @@ def log_ratio(sampler: Sampler, k, x, x_next, out, old_out):
     else:  # clipping x0 makes the mean non-linear in the output
         delta = transition(sampler, k, x, out)[0] - old_mean
 
-    def mean_terms(patch):
-        dp, d = patch_mean(delta, patch), patch_mean(x_next - old_mean, patch)
-        terms = dp * (2 * d - dp) / (2 * std**2)
-        return terms.mean(axis=tuple(range(1, terms.ndim)))
-
-    return per_step_noise(sampler, k, mean_terms), old_mean + delta, std
-
-
-def per_step_noise(sampler: Sampler, k, fn):
-    """`fn(patch)` (leading axis B) with the step-k noise form: `fn(1)` at full
-    resolution, `fn(noise_patch)` on the steps drawn with patch noise (`k`: one
-    step, or one per sample)."""
-    full = fn(1)
-    if sampler.noise_patch == 1:
-        return full
-    return jnp.where(patch_steps(sampler, k), fn(sampler.noise_patch), full)
-
-
-def patch_steps(sampler: Sampler, k) -> jax.Array:
-    """Whether step(s) `k` draw patch noise (every step, without a "patch" table)."""
-    if "patch" not in sampler.tables:
-        return jnp.full(jnp.shape(k), sampler.noise_patch > 1)
-    return jnp.asarray(sampler.tables["patch"])[k] > 0
+    terms = delta * (2 * (x_next - old_mean) - delta) / (2 * std**2)
+    return terms.mean(axis=tuple(range(1, terms.ndim))), old_mean + delta, std
 
 
 class Trajectory(NamedTuple):
     """One rollout, batch-major. `latents[:, k]` is the input of step k."""
 
     latents: jax.Array  # [B, T + 1, *latent]
-    log_probs: jax.Array  # [B, T]
     outputs: jax.Array  # [B, T, *latent] guided network output of each step
-    timesteps: jax.Array  # [T] model timesteps
 
 
 def initial_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, 0), shape))(keys)
 
 
-def step_noise(
-    keys: jax.Array, k: int | jax.Array, shape: tuple[int, ...], patch: int = 1
-) -> jax.Array:
-    """Noise of step k; a function of the sample's own key only (batch-independent).
-
-    `patch` > 1 draws it at 1/patch resolution and repeats each value over a
-    patch x patch block of `shape` [H, W, C].
-    """
-    h, w, c = shape
-    low = (h // patch, w // patch, c)
-    eps = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k + 1), low))(keys)
-    if patch == 1:
-        return eps
-    return jnp.repeat(jnp.repeat(eps, patch, axis=1), patch, axis=2)
+def step_noise(keys: jax.Array, k: int | jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Noise of step k; a function of the sample's own key only (batch-independent)."""
+    return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k + 1), shape))(keys)
 
 
 def sample(
@@ -252,17 +189,10 @@ def sample(
         t = jnp.full((batch,), jnp.asarray(sampler.tables["model_t"])[k])
         out = map_in_chunks(predict_chunk, (x, t, cond), num_chunks, num_shards)
         mean, std = transition(sampler, jnp.full((batch,), k), x, out)
-        eps = per_step_noise(sampler, k, lambda patch: step_noise(keys, k, shape, patch))
-        x_next = mean + std * eps
-        logp = per_step_noise(sampler, k, lambda patch: gaussian_logprob(x_next, mean, std, patch))
-        return x_next, (x_next, logp, out)
+        x_next = mean + std * step_noise(keys, k, shape)
+        return x_next, (x_next, out)
 
     x0 = initial_noise(keys if init_keys is None else init_keys, shape)
-    _, (xs, log_probs, outs) = jax.lax.scan(body, x0, jnp.arange(sampler.num_steps))
+    _, (xs, outs) = jax.lax.scan(body, x0, jnp.arange(sampler.num_steps))
     latents = jnp.concatenate([x0[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
-    return Trajectory(
-        latents,
-        jnp.moveaxis(log_probs, 0, 1),
-        jnp.moveaxis(outs, 0, 1),
-        jnp.asarray(sampler.tables["model_t"]),
-    )
+    return Trajectory(latents, jnp.moveaxis(outs, 0, 1))

@@ -78,7 +78,7 @@ def step_loss(
         metrics["kl_ref"] = kl.mean()
     loss = per_sample.mean()
     metrics.update(
-        policy_loss=loss,
+        loss=loss,
         approx_kl=0.5 * jnp.mean(log_ratio**2),
         clip_fraction=jnp.mean(jnp.abs(ratio - 1.0) > clip_range),
         ratio_mean=ratio.mean(),

@@ -6,13 +6,8 @@ its own random subset of steps (DDPO's `timestep_fraction`), drawn from
 `train.timestep_window` (default all steps). Non-finite loss
 or gradients leave the state untouched and are reported.
 
-Two ways to run the accumulation loop, same arithmetic:
-- `train_step`: everything in one jitted function, the loop a `lax.scan`
-  (GPU/TPU: one dispatch per update).
-- `HostAccumulatedStep`: the loop on the host around a jitted single-item
-  gradient function. XLA:CPU runs a UNet's backward pass inside a while loop
-  many times slower than the same pass as its own program (measured 36x on the
-  built-in model, see README), so this is the CPU default.
+`UpdateStep` runs the accumulation loop as a `lax.scan` or on the host, with
+the same arithmetic.
 """
 
 from __future__ import annotations
@@ -157,12 +152,40 @@ def _finish(state: TrainState, grads, metrics, rng, opts: StepOptions):
             step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema
         )
 
-    finite = _all_finite(grads) & jnp.isfinite(metrics["policy_loss"])
+    finite = _all_finite(grads) & jnp.isfinite(metrics["loss"])
     new = jax.lax.cond(finite, apply, lambda s: s, state)
     new = new._replace(rng=rng)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["update_skipped"] = (~finite).astype(jnp.float32)
     return new, metrics
+
+
+def shuffle(batch: PolicyBatch, perm: jax.Array, *, num_updates: int) -> PolicyBatch:
+    """Shuffles samples into `[num_updates, train_batch]` optimiser batches.
+
+    Batch u holds samples `perm[u*b : (u+1)*b]` whatever the mesh, so a run
+    updates on the same samples on 1 device as on 8.
+    """
+    return jax.tree.map(lambda x: x[perm].reshape(num_updates, -1, *x.shape[1:]), batch)
+
+
+def jit_shuffle(num_updates: int, sharding: jax.sharding.NamedSharding):
+    """`shuffle` compiled; `sharding` splits axis 1 (the samples) over the batch axes."""
+    return jax.jit(functools.partial(shuffle, num_updates=num_updates), out_shardings=sharding)
+
+
+def _gradient_sum_scan(state, batch, frozen, ref_trainable, uncond, *, opts: StepOptions):
+    """`(sum of the item gradients, stacked item metrics, next rng)` in one `lax.scan`."""
+    micro, micro_order, rng = _prepare(state, batch, opts)
+
+    def body(acc, i):
+        return _accumulate(
+            acc, i, state.trainable, frozen, ref_trainable, micro, micro_order, uncond, opts
+        )
+
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    grads, metrics = jax.lax.scan(body, zeros, jnp.arange(opts.count))
+    return grads, metrics, rng
 
 
 def train_step(
@@ -175,61 +198,72 @@ def train_step(
     opts: StepOptions,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The whole update as one function: the accumulation loop is a `lax.scan`."""
-    micro, micro_order, rng = _prepare(state, batch, opts)
-
-    def body(acc, i):
-        return _accumulate(
-            acc, i, state.trainable, frozen, ref_trainable, micro, micro_order, uncond, opts
-        )
-
-    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-    grads, metrics = jax.lax.scan(body, zeros, jnp.arange(opts.count))
+    grads, metrics, rng = _gradient_sum_scan(state, batch, frozen, ref_trainable, uncond, opts=opts)
     return _finish(state, grads, metrics, rng, opts)
 
 
-class HostAccumulatedStep:
-    """`train_step` with its accumulation loop on the host: three jitted pieces.
+class UpdateStep:
+    """One optimiser update, `(state, batch, frozen, ref_trainable, uncond) -> (state,
+    metrics)`, on every backend; `accumulate` picks how the gradient loop runs.
 
-    Same inputs, outputs and arithmetic (the accumulator starts at zero and
-    adds item by item in the same order). `state` and the accumulator are
-    donated, so no step holds two copies of either.
+    - "scan": `train_step`, one jitted program (GPU/TPU: one dispatch per update).
+    - "host": the same arithmetic with the loop on the host around a jitted
+      per-item gradient (the accumulator starts at zero and adds item by item in
+      the same order). XLA:CPU runs a backward pass inside a while loop many
+      times slower than as its own program (docs/performance.md), so "auto"
+      picks it on CPU.
+    `state` and the accumulator are donated, so no step holds two copies of
+    either; output shardings are pinned to the state's, so nothing recompiles.
     """
 
-    def __init__(self, opts: StepOptions, *, state_shardings, metric_sharding):
-        self.opts = opts
-        self.prepare = jax.jit(functools.partial(_prepare, opts=opts))
-        # Pinned output shardings: the accumulator keeps one layout, so the
-        # (expensive) gradient function compiles once.
-        self.accumulate = jax.jit(
+    def __init__(self, opts: StepOptions, *, accumulate: str, state_shardings, metric_sharding):
+        if accumulate == "auto":
+            accumulate = "host" if jax.default_backend() == "cpu" else "scan"
+        self.opts, self.accumulate = opts, accumulate
+        if accumulate == "scan":
+            self._step = jax.jit(
+                functools.partial(train_step, opts=opts),
+                donate_argnums=(0,),
+                out_shardings=(state_shardings, metric_sharding),
+            )
+            self._scan_sum = jax.jit(functools.partial(_gradient_sum_scan, opts=opts))
+            self.jitted = {"train_step": self._step}
+            return
+        self._prepare = jax.jit(functools.partial(_prepare, opts=opts))
+        self._accumulate = jax.jit(
             functools.partial(_accumulate, opts=opts),
             donate_argnums=(0,),
             out_shardings=(state_shardings.trainable, metric_sharding),
         )
-        self.zeros = jax.jit(
+        self._zeros = jax.jit(
             lambda t: jax.tree.map(jnp.zeros_like, t), out_shardings=state_shardings.trainable
         )
-        self.finish = jax.jit(
+        self._finish = jax.jit(
             functools.partial(_finish, opts=opts),
             donate_argnums=(0,),
             out_shardings=(state_shardings, metric_sharding),
         )
         self.jitted = {
-            "prepare": self.prepare,
-            "accumulate": self.accumulate,
-            "finish": self.finish,
+            "update_prepare": self._prepare,
+            "update_accumulate": self._accumulate,
+            "update_finish": self._finish,
         }
 
     def __call__(self, state, batch, frozen, ref_trainable, uncond):
+        if self.accumulate == "scan":
+            return self._step(state, batch, frozen, ref_trainable, uncond)
         acc, metrics, rng = self.gradient_sum(state, batch, frozen, ref_trainable, uncond)
-        return self.finish(state, acc, metrics, rng)
+        return self._finish(state, acc, metrics, rng)
 
     def gradient_sum(self, state, batch, frozen, ref_trainable, uncond):
         """(sum of the `opts.count` item gradients, stacked item metrics, next rng)."""
-        micro, micro_order, rng = self.prepare(state, batch)
-        acc = self.zeros(state.trainable)
+        if self.accumulate == "scan":
+            return self._scan_sum(state, batch, frozen, ref_trainable, uncond)
+        micro, micro_order, rng = self._prepare(state, batch)
+        acc = self._zeros(state.trainable)
         metrics = []
         for i in range(self.opts.count):
-            acc, m = self.accumulate(
+            acc, m = self._accumulate(
                 acc,
                 jnp.int32(i),
                 state.trainable,

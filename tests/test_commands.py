@@ -1,0 +1,137 @@
+"""The training and read-only commands end to end, as a user runs them.
+
+`launch/train.py` with the DDPO tracker, fixed priors from
+`launch/estimate_priors.py`, and reference priors; `launch/sample.py`. The
+read-only tools must leave a run's workdir byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from commands import last_line, run_launch
+
+from bpgo_jax.prompts import load_prompts, prompt_ids
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _config_file(tmp_path: Path, **overrides) -> Path:
+    """A config file with `tiny_config(tmp_path, **overrides)` for the commands."""
+    path = tmp_path / "tiny.py"
+    path.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(TESTS)!r})\n"
+        "from pathlib import Path\n"
+        "from tiny_config import tiny_config\n\n\n"
+        "def get_config():\n"
+        f"    return tiny_config(Path({str(tmp_path)!r}), **{overrides!r})\n"
+    )
+    return path
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+def _rows(workdir: Path) -> list[dict]:
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train(config: Path, workdir: Path, *flags: str):
+    done = run_launch(
+        "train.py", f"--config={config}", f"--workdir={workdir}", "--compile_cache=", *flags
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _rows(workdir)
+
+
+@pytest.mark.slow
+def test_tracker_run_then_read_only_tools_then_fixed_priors(tmp_path):
+    config = _config_file(tmp_path, **{"mesh.num_devices": 1})
+    run = tmp_path / "run"
+    rows = _train(
+        config, run, "--config.advantage.method=ddpo_tracker", "--config.train.num_epochs=1"
+    )
+    assert len(rows) == 1 and np.isfinite(rows[0]["loss"])
+    assert rows[0]["onpolicy_ratio_max_dev"] == 0.0
+    before = _snapshot(run)
+
+    # Priors from the checkpoint: one per prompt, a valid prompt file.
+    priors = tmp_path / "priors.jsonl"
+    done = run_launch(
+        "estimate_priors.py",
+        f"--config={config}",
+        f"--workdir={run}",
+        "--k=4",
+        f"--output={priors}",
+        "--compile_cache=",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with_priors = load_prompts(priors)
+    assert len(with_priors) == 4 and np.all(np.isfinite(with_priors.priors))
+
+    # Samples from the checkpoint: PNGs and a valid index; the run is untouched.
+    out = tmp_path / "samples"
+    done = run_launch(
+        "sample.py",
+        f"--config={config}",
+        f"--workdir={run}",
+        f"--outdir={out}",
+        "--prompt=a red circle",
+        "--num_per_prompt=4",
+        "--compile_cache=",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    index = json.loads((out / "index.json").read_text())
+    assert index["epoch"] == 1 and len(index["images"]) == 4
+    assert all((out / e["file"]).is_file() for e in index["images"])
+    assert _snapshot(run) == before
+
+    # A directory without checkpoints is refused in one line and not written to.
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    done = run_launch(
+        "sample.py",
+        f"--config={config}",
+        f"--workdir={empty}",
+        f"--outdir={out}",
+        "--prompt=x",
+        "--compile_cache=",
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert last_line(done.stderr).startswith("error: ") and "--base_weights" in done.stderr
+    assert list(empty.iterdir()) == []
+
+    # Training on the estimated priors anchors each group at its prompt's prior.
+    fixed = _train(
+        config,
+        tmp_path / "fixed",
+        f"--config.prompts.path={priors}",
+        "--config.prior.kind=fixed",
+        "--config.train.num_epochs=1",
+    )
+    ids = prompt_ids(4, 0, 0, 4)
+    np.testing.assert_allclose(fixed[0]["prior_mean"], with_priors.priors[ids].mean(), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_reference_priors_through_the_command(tmp_path):
+    config = _config_file(tmp_path, **{"mesh.num_devices": 1})
+    rows = _train(
+        config,
+        tmp_path / "run",
+        "--config.prior.kind=reference",
+        "--config.train.num_epochs=2",
+        "--config.train.kl_beta=0.0",
+    )
+    # The reference policy's rollouts anchor every prompt before its first group:
+    # the prior is no longer the placeholder init_value (0.5) and stays fixed.
+    assert rows[0]["prior_mean"] != pytest.approx(0.5)
+    assert rows[1]["prior_mean"] == pytest.approx(rows[0]["prior_mean"], abs=1e-6)
+    assert all(r["onpolicy_ratio_max_dev"] == 0.0 for r in rows)
