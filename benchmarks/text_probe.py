@@ -14,26 +14,22 @@ score (fixed split), and prints the held-out accuracy per attribute.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from bpgo_jax.models import load_params  # noqa: E402
-from bpgo_jax.models.text import HashTokenizer  # noqa: E402
-from bpgo_jax.models.tiny import TextEncoder, tiny_model  # noqa: E402
-from bpgo_jax.world import reward_model  # noqa: E402
-
-ASSETS = ROOT / "bpgo_jax" / "world" / "assets"
+from bpgo_jax import runtime
+from bpgo_jax.configs.common import ASSETS
+from bpgo_jax.models import load_params
+from bpgo_jax.models.text import HashTokenizer
+from bpgo_jax.models.tiny import TextEncoder, tiny_model
+from bpgo_jax.world import reward_model
 
 
 def captions() -> tuple[list[str], dict[str, list[str]]]:
@@ -98,15 +94,15 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, fit: np.ndarray, l2: float = 1e
     return float((pred[~fit] == y[~fit]).mean())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("weights", nargs="+", type=Path, help="generator or WorldCLIP .msgpack")
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    weights = [Path(a) for a in argv[1:]]
+    if not weights:
+        raise app.UsageError("give one or more generator or WorldCLIP .msgpack files")
     texts, labels = captions()
     fit = np.zeros(len(texts), bool)
     fit[np.random.default_rng(0).permutation(len(texts))[: 3 * len(texts) // 4]] = True
     print(f"{len(texts)} captions, {fit.sum()} fit, {(~fit).sum()} scored")
-    for path in args.weights:
+    for path in weights:
         x = text_features(path, texts)
         scores = {}
         for key, names in labels.items():
@@ -116,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run(main, __doc__)

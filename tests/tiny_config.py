@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bpgo_jax.configs.common import base_config  # noqa: E402
+from bpgo_jax.configs.common import base_config
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a small yellow cross"]
 

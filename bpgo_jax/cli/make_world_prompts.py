@@ -12,12 +12,13 @@ held-out templates: a harder, out-of-distribution probe.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
+from absl import flags
 
+from bpgo_jax import runtime
 from bpgo_jax.world import constraints as C
 from bpgo_jax.world.grammar import sample_prompt
 
@@ -44,14 +45,22 @@ def with_split(prompt: dict, split: str) -> dict:
     return {**prompt, "metadata": {**prompt["metadata"], "split": split}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out_dir", default=str(ASSETS))
-    parser.add_argument("--num_train", type=int, default=2000)
-    parser.add_argument("--num_val", type=int, default=256)
-    parser.add_argument("--num_heldout", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+def define_flags() -> None:
+    """The command's flags, defined when it runs rather than on import.
+
+    Other code imports `make_prompts` from here; module-level flags would
+    clash with other commands' flags of the same name (`--seed`) in its process.
+    """
+    flags.DEFINE_string("out_dir", str(ASSETS), "Where the prompt files go.")
+    flags.DEFINE_integer("num_train", 2000, "Prompts in prompts_train.jsonl.")
+    flags.DEFINE_integer("num_val", 256, "Prompts in prompts_val.jsonl.")
+    flags.DEFINE_integer("num_heldout", 256, "Prompts in prompts_heldout.jsonl.")
+    flags.DEFINE_integer("seed", 0, "Seed of the prompt grammar's sampler.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    args = flags.FLAGS
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_val = make_prompts("train", args.num_train + args.num_val, args.seed)
@@ -68,7 +77,8 @@ def main() -> None:
 
 
 def run() -> None:
-    main()
+    define_flags()
+    runtime.run(main, __doc__)
 
 
 if __name__ == "__main__":

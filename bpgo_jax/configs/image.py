@@ -2,7 +2,8 @@
 
     python launch/train.py --config=configs/image.py --workdir=runs/image
 
-(3.4 min on a 2-core Intel Xeon machine, README "Status").
+(3.4 min on a 2-core Intel Xeon machine, docs/performance.md; results:
+docs/results.md).
 
 Base: the shipped flow-matching generator (held-out oracle accuracy 0.391).
 Prior: per-prompt moving average of group-mean rewards (the paper's image
@@ -13,7 +14,6 @@ Baselines: `--config.advantage.method=grpo` (alpha = s = 0) or `ddpo_tracker`.
 Another reward model: `--config.rewards.world_clip.path=W/reward_model.msgpack`
 (and `--config.eval.rewards.world_clip.path=...` to evaluate with it too).
 """
-
 
 from bpgo_jax.configs.common import ASSETS, base_config
 
@@ -55,7 +55,8 @@ def get_config():
     c.advantage.update(method="bpgo", alpha=0.5, k=1.0, lam=1.0, crt_coef=0.5)
     c.prior.update(kind="moving_average", decay=0.9, init_value=0.1)
     # The learning rate was chosen for this base with GRPO, the baseline (seed
-    # 0; 3e-4 / 1e-4 / 3e-5, README "Status"), and is the same for every method.
+    # 0; 3e-4 / 1e-4 / 3e-5, docs/results.md "The learning rate"), and is the
+    # same for every method.
     # One on-policy update per epoch on all 64 samples; the KL to the initial
     # policy keeps the full fine-tune from drifting (without it, held-out
     # reward fell in our runs, see docs/status_history.md). Only the first two

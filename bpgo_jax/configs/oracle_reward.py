@@ -5,8 +5,8 @@
 
 A perfect reward bounds what the RL loop can do at a given budget, which
 separates "the reward model is too weak" from "the loop does not learn".
-Never the default: the oracle is ground truth for evaluation. Results:
-README "Status".
+Never the default: the oracle is ground truth for evaluation. Results of
+earlier bases: docs/status_history.md (linked from docs/results.md).
 """
 
 from bpgo_jax.configs import image

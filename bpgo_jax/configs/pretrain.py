@@ -33,7 +33,6 @@ random text encoder, 0.145; its guidance-distilled student, 0.277) and
 their commands: docs/status_history.md.
 """
 
-
 import ml_collections
 
 from bpgo_jax.configs.common import ASSETS

@@ -10,7 +10,8 @@ The default (12 runs, each with the default run's 30 epochs x 64 samples
 and its evaluations of both prompt sets, two runs at a time) took 24 min on
 a 2-core Intel Xeon machine. `--config.train.num_epochs=10` for a quicker
 look; `--config.study.workers=1` on a single accelerator. Results:
-docs/study/ and the README.
+docs/results.md "Method comparison" (files: docs/study/); speed:
+docs/performance.md.
 """
 
 from bpgo_jax.configs import image

@@ -6,13 +6,14 @@ well a reward model's scores agree with ground truth (ROC-AUC per caption kind).
 
 from __future__ import annotations
 
-import argparse
 import collections
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
+from bpgo_jax import runtime
 from bpgo_jax.world import constraints as C
 from bpgo_jax.world.data import Degradation, degrade, perturb_scene
 from bpgo_jax.world.grammar import caption_scene, sample_captioned_scene, satisfies
@@ -205,13 +206,18 @@ def reward_agreement(
     return out
 
 
-def _main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=3000, help="scenes per measurement")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reward_model", default="", help="msgpack path; '' = shipped model")
-    parser.add_argument("--skip_oracle", action="store_true")
-    args = parser.parse_args()
+def _define_flags() -> None:
+    """The command line's flags; defined only when run as a program, since library
+    users of this module (bpgo_jax.cli.evaluate_generator) have flags of these names."""
+    flags.DEFINE_integer("n", 3000, "Scenes per measurement.")
+    flags.DEFINE_integer("seed", 0, "Seed of scenes, degradations and captions.")
+    flags.DEFINE_string("reward_model", "", "Reward model msgpack path; '' = the shipped model.")
+    flags.DEFINE_bool("skip_oracle", False, "Measure only the reward model.")
+
+
+def _main(argv: list[str]) -> None:
+    del argv
+    args = flags.FLAGS
     rng = np.random.default_rng(args.seed)
     if not args.skip_oracle:
         print("| condition | " + " | ".join(ORACLE_ATTRIBUTES) + " |")
@@ -241,4 +247,5 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    _define_flags()
+    runtime.run(_main, __doc__)
