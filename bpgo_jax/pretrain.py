@@ -49,7 +49,7 @@ from bpgo_jax.models.interface import DiffusionModel
 from bpgo_jax.models.tiny import tiny_model
 from bpgo_jax.parallel.mesh import batch_sharding, make_mesh, replicated
 from bpgo_jax.prompts import load_prompts
-from bpgo_jax.rollout.samplers import guided_prediction, make_sampler, sample
+from bpgo_jax.rollout.samplers import make_sampler, sample
 from bpgo_jax.world import oracle, reward_model
 from bpgo_jax.world.data import sample_pairs
 
@@ -156,20 +156,11 @@ def flow_matching_loss(
     rng: jax.Array,
     time_sampling: str = "uniform",
     time_shift: float = 1.0,
-    teacher: Params | None = None,
-    empty_tokens: jax.Array | None = None,
-    guidance_scale: float = 1.0,
 ) -> jax.Array:
     """Rectified-flow loss: regress the velocity `noise - x0` at `x_s = (1-s) x0 + s noise`.
 
     `images` are latents in [-1, 1]; the model sees timestep `1000 * s`, the
-    convention the flow sampler uses at rollout time. With `teacher` params
-    the target is instead the teacher's classifier-free-guided velocity
-    `v(empty) + guidance_scale * (v(caption) - v(empty))` at the same `x_s`
-    (guidance distillation): the student then follows captions as the
-    guided teacher does at the cost of one network call per step, which is
-    what RL rollouts and updates pay for. Dropped (empty) captions get the
-    teacher's unconditional velocity, so the student keeps working with CFG.
+    convention the flow sampler uses at rollout time.
     """
     if model.prediction_type != "flow":
         raise ValueError(f"pre-training needs a flow model, got {model.prediction_type!r}")
@@ -180,24 +171,7 @@ def flow_matching_loss(
     x_s = (1.0 - s_b) * images + s_b * noise
     cond = model.encode_text(params["frozen"], tokens)
     velocity = model.predict(params["trainable"], params["frozen"], x_s, 1000.0 * s, cond)
-    if teacher is None:
-        target = noise - images
-    else:
-        t_cond = model.encode_text(teacher["frozen"], tokens)
-        t_empty = model.encode_text(teacher["frozen"], empty_tokens)
-        target = jax.lax.stop_gradient(
-            guided_prediction(
-                model,
-                guidance_scale,
-                teacher["trainable"],
-                teacher["frozen"],
-                x_s,
-                1000.0 * s,
-                t_cond,
-                t_empty,
-            )
-        )
-    return jnp.mean(jnp.square(velocity - target))
+    return jnp.mean(jnp.square(velocity - (noise - images)))
 
 
 def pretrain_step(
@@ -206,13 +180,10 @@ def pretrain_step(
     ema_decay: float,
     time_sampling: str,
     time_shift: float,
-    guidance_scale: float,
     state: PretrainState,
     images: jax.Array,
     tokens: jax.Array,
     rng: jax.Array,
-    teacher: Params | None = None,
-    empty_tokens: jax.Array | None = None,
 ) -> tuple[PretrainState, dict[str, jax.Array]]:
     """One AdamW step on the flow loss; the step's noise is `fold_in(rng, step)`."""
     key = jax.random.fold_in(rng, state.step)
@@ -221,9 +192,6 @@ def pretrain_step(
         model,
         time_sampling=time_sampling,
         time_shift=time_shift,
-        teacher=teacher,
-        empty_tokens=empty_tokens,
-        guidance_scale=guidance_scale,
     )
     loss, grads = jax.value_and_grad(loss_fn)(state.params, images, tokens, key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -239,25 +207,15 @@ def make_pretrain_step(
     ema_decay: float = 0.0,
     time_sampling: str = "uniform",
     time_shift: float = 1.0,
-    guidance_scale: float = 1.0,
 ) -> Callable[..., tuple[PretrainState, dict[str, jax.Array]]]:
-    """`step(state, images, tokens, rng[, teacher, empty_tokens]) -> (state, metrics)`.
-
-    Jitted, state donated. Given `teacher` params and the empty prompt's
-    `empty_tokens` [1, L], it distils the teacher's guided velocity at
-    `guidance_scale` (see `flow_matching_loss`).
-    """
+    """`step(state, images, tokens, rng) -> (state, metrics)`, jitted, state donated."""
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay={ema_decay} must lie in [0, 1)")
     if time_sampling not in TIME_SAMPLINGS:
         raise ValueError(f"time_sampling={time_sampling!r} is not one of {TIME_SAMPLINGS}")
     if time_shift <= 0.0:
         raise ValueError(f"time_shift={time_shift} must be positive")
-    if guidance_scale < 1.0:
-        raise ValueError(f"guidance_scale={guidance_scale} must be >= 1")
-    step = functools.partial(
-        pretrain_step, model, optimizer, ema_decay, time_sampling, time_shift, guidance_scale
-    )
+    step = functools.partial(pretrain_step, model, optimizer, ema_decay, time_sampling, time_shift)
     return jax.jit(step, donate_argnums=(0,))
 
 
@@ -526,17 +484,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, command: str) -> dict[
     else:
         start_params = model.init(rng)
     state = jax.device_put(init_state(model, optimizer, rng, start_params), replicate)
-    step_fn = make_pretrain_step(
-        model, optimizer, tc.ema_decay, tc.time_sampling, tc.time_shift, cfg.distill.guidance_scale
-    )
-    distill = {}
-    if cfg.distill.teacher:  # guidance distillation: the teacher's guided velocity is the target
-        t_trainable, t_frozen = load("distill.teacher", cfg.distill.teacher)
-        distill = {
-            "teacher": {"trainable": t_trainable, "frozen": t_frozen},
-            "empty_tokens": model.tokenize([""]),
-        }
-        distill = jax.device_put(distill, replicate)
+    step_fn = make_pretrain_step(model, optimizer, tc.ema_decay, tc.time_sampling, tc.time_shift)
     step_rng = jax.random.key(cfg.seed + 1)
     data_rng = np.random.default_rng(cfg.seed)
 
@@ -609,7 +557,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, command: str) -> dict[
                     cfg.data.split,
                 )
                 images, tokens = jax.device_put((batch["images"], batch["tokens"]), shard)
-                state, metrics = step_fn(state, images, tokens, step_rng, **distill)
+                state, metrics = step_fn(state, images, tokens, step_rng)
                 progress.step = step
                 window.append(metrics)
                 if step % cfg.log_every == 0 or step == tc.steps:
@@ -702,11 +650,6 @@ def _ship(
         },
         "weights": f"EMA (decay {tc.ema_decay:g})",
         "text_init": text_init_record(cfg),
-        "distilled_from": (
-            {"teacher": cfg.distill.teacher, "guidance_scale": cfg.distill.guidance_scale}
-            if cfg.distill.teacher
-            else None
-        ),
         "train_seconds": round(progress.evals[-1]["seconds"], 1),
         "evaluations": [{k: e[k] for k in ("step", "oracle_accuracy")} for e in progress.evals],
     }

@@ -22,6 +22,7 @@ import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
+from tiny_config import apply_overrides
 
 from bpgo_jax.config import ConfigError, check_inputs, validate
 from bpgo_jax.prompts import check_prompt_lengths
@@ -31,14 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _config(module: str, overrides: dict) -> ml_collections.ConfigDict:
     """`bpgo_jax.configs.<module>.get_config()` with dotted-key overrides applied."""
-    c = importlib.import_module(f"bpgo_jax.configs.{module}").get_config()
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return apply_overrides(
+        importlib.import_module(f"bpgo_jax.configs.{module}").get_config(), overrides
+    )
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:

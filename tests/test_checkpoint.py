@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tiny_config import apply_overrides
 
 from bpgo_jax.checkpoint import (
     Checkpointer,
@@ -232,14 +233,7 @@ def test_a_second_process_is_refused_and_a_killed_ones_lock_is_free(tmp_path):
 
 # -------------------------------------------------------------- run config
 def _config(**overrides):
-    c = base_config()
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return apply_overrides(base_config(), overrides)
 
 
 def test_resuming_with_a_config_that_changes_results_is_refused(tmp_path, caplog):

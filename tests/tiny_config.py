@@ -30,10 +30,15 @@ def tiny_config(tmp_path: Path, **overrides):
     c.train.update(num_epochs=2, batch_size=16, micro_batch_size=8, lr=1e-3)
     c.log.update(tensorboard=False, image_every=100)
     c.checkpoint.use_async = False
+    return apply_overrides(c, overrides)
+
+
+def apply_overrides(config, overrides: dict):
+    """`config` with dotted-key overrides (`{"train.lr": 1e-3}`) set in place."""
     for key, value in overrides.items():
-        node = c
+        node = config
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
         node[leaf] = value
-    return c
+    return config

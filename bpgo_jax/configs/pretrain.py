@@ -89,8 +89,5 @@ def get_config() -> ml_collections.ConfigDict:
         stop_accuracy=0.4,  # stop training once an evaluation reaches this
         num_images=16,
     )
-    # Guidance distillation: with a teacher checkpoint, regress the teacher's
-    # classifier-free-guided velocity instead of the data velocity.
-    c.distill = dict(teacher="", guidance_scale=3.0)
     c.export_dir = ""  # also write generator.msgpack / generator.json here
     return c
