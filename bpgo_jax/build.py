@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -147,25 +147,41 @@ def _gathered(model, mesh: Mesh):
     return dataclasses.replace(model, predict=predict)
 
 
-def build_run(config: ml_collections.ConfigDict, *, progress: bool = True) -> tuple[Run, Params]:
-    """The run's mesh, validated layout, model, rewards, prompts and compiled
-    rollouts; returns it with the model's initial trainable parameters (placed)."""
+class Checked(NamedTuple):
+    """What `check_run` found: the devices' mesh, the batch layout, the prompt files."""
+
+    mesh: Mesh
+    layout: dict  # `config.batch_layout`
+    prompt_sets: dict[str, PromptSet]  # config field -> its prompts
+
+
+def check_run(config: ml_collections.ConfigDict) -> Checked:
+    """Every check that needs no model, so a bad field or file fails in a second,
+    before anything is loaded, compiled or written."""
     initialize_distributed(config)
     devices = jax.devices()[: config.mesh.num_devices or None]
-    # Every check that needs no model runs first: a bad field or file fails in a
-    # second, not after minutes of loading and compiling.
     layout = validate(config, len(devices), jax.process_count())
     prompt_sets = check_inputs(config)
     try:
         mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes, devices)
     except ValueError as err:
         raise ConfigError(f"mesh: {err}") from None
+    return Checked(mesh, layout, prompt_sets)
+
+
+def build_run(
+    config: ml_collections.ConfigDict, *, checked: Checked | None = None, progress: bool = True
+) -> tuple[Run, Params]:
+    """The run's mesh, validated layout, model, rewards, prompts and compiled
+    rollouts; returns it with the model's initial trainable parameters (placed).
+    `checked`: `check_run(config)`'s result when the caller has it."""
+    mesh, layout, prompt_sets = checked or check_run(config)
     num_shards = mesh_lib.num_batch_shards(mesh)
     log.info(
         "mesh %s over %d %s device(s)",
         dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)),
         mesh.devices.size,
-        devices[0].platform,
+        mesh.devices.flat[0].platform,
     )
     prompts = prompt_sets["prompts.path"]
     eval_sets = []

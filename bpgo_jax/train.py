@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bpgo_jax import priors as prior_lib
-from bpgo_jax.build import Run, Training, build_run, build_training
+from bpgo_jax.build import Run, Training, build_run, build_training, check_run
 from bpgo_jax.checkpoint import (
     Checkpointer,
     check_run_config,
@@ -71,10 +71,11 @@ def train(
     Raises `errors.Preempted` after saving a checkpoint when SIGTERM arrives
     and `errors.DivergedError` after too many non-finite updates in a row.
     """
+    checked = check_run(config)  # bad inputs fail before the workdir is touched
     workdir = prepare_workdir(workdir)
     with lock_workdir(workdir):
         check_run_config(workdir, config, allow_change=allow_config_change)
-        run, trainable = build_run(config)
+        run, trainable = build_run(config, checked=checked)
         training, state = build_training(run, trainable)
         ckpt = Checkpointer(
             workdir / "checkpoints",

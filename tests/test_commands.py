@@ -135,3 +135,43 @@ def test_reference_priors_through_the_command(tmp_path):
     assert rows[0]["prior_mean"] != pytest.approx(0.5)
     assert rows[1]["prior_mean"] == pytest.approx(rows[0]["prior_mean"], abs=1e-6)
     assert all(r["onpolicy_ratio_max_dev"] == 0.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_sigterm_exits_75_and_the_rerun_resumes_or_refuses_a_changed_config(tmp_path):
+    marker = tmp_path / "sigterm_sent"
+    config = _config_file(
+        tmp_path,
+        **{
+            "mesh.num_devices": 1,
+            "rewards": {"saturation": {"weight": 1.0}, "sigterm_once": {"weight": 0.0}},
+        },
+    )
+    # A host reward that sends SIGTERM the first time it runs (registered by the config).
+    config.write_text(
+        config.read_text() + "\n\nimport os, signal\nimport numpy as np\n"
+        "from bpgo_jax.rewards.base import Reward, register\n\n\n"
+        "def _score(images, prompts, metadata):\n"
+        f"    if not os.path.exists({str(marker)!r}):\n"
+        f"        open({str(marker)!r}, 'w').close()\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return np.zeros(len(images), np.float32)\n\n\n"
+        "@register('sigterm_once')\n"
+        "def _build(cfg):\n"
+        "    return Reward(name='sigterm_once', jittable=False, fn=_score)\n"
+    )
+    run = tmp_path / "run"
+    flags = (f"--config={config}", f"--workdir={run}", "--compile_cache=")
+    done = run_launch("train.py", *flags)
+    assert done.returncode == 75, done.stderr[-3000:]
+    assert last_line(done.stderr).startswith("preempted: checkpoint of epoch 1")
+    assert [r["epoch"] for r in _rows(run)] == [0]
+
+    changed = run_launch("train.py", *flags, "--config.advantage.method=grpo")
+    assert changed.returncode == 1 and "Traceback" not in changed.stderr
+    line = last_line(changed.stderr)
+    assert line.startswith("error: ") and "advantage.method 'bpgo' -> 'grpo'" in line, line
+    assert "--allow_config_change" in line
+
+    rows = _train(config, run)  # resumes: epoch 1 only
+    assert [r["epoch"] for r in rows] == [0, 1]

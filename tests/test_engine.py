@@ -275,3 +275,9 @@ def test_prompts_longer_than_the_encoder_reads_are_refused_or_reported(tmp_path,
         run, _ = build_run(config)
     assert len(run.prompts) == 5
     assert sum("1 of 5 prompts" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_bad_config_fails_before_the_workdir_is_created(tmp_path):
+    with pytest.raises(ConfigError, match="sample.group_size=3"):
+        train(tiny_config(tmp_path, **{"sample.group_size": 3}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

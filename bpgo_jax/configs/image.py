@@ -59,7 +59,7 @@ def get_config():
     # same for every method.
     # One on-policy update per epoch on all 64 samples; the KL to the initial
     # policy keeps the full fine-tune from drifting (without it, held-out
-    # reward fell in our runs, see docs/status_history.md). Only the first two
+    # reward fell, docs/status_history.md). Only the first two
     # steps (noise 1 -> 0.67) are trained: their noise decides what is drawn, while
     # the later steps' noise barely changes a sample's verdict, so their
     # gradient terms would add noise and cost (docs/status_history.md).
