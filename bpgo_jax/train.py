@@ -176,7 +176,16 @@ def run_epoch(
             }
         )
         # The first update of an epoch is on-policy: its ratios must be exactly 1.
-        record["onpolicy_ratio_max_dev"] = float(step_metrics[0]["ratio_max_dev"])
+        first = step_metrics[0]
+        record["onpolicy_ratio_max_dev"] = float(first["ratio_max_dev"])
+        if first["ratio_max_dev"] or first["approx_kl"]:
+            log.warning(
+                "epoch %d: the on-policy update's ratios deviate from 1 (max %.3g, approx_kl "
+                "%.3g): its network outputs differ from the rollout's",
+                epoch,
+                first["ratio_max_dev"],
+                first["approx_kl"],
+            )
         record.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
     else:
         skipped = 1

@@ -1,8 +1,9 @@
 """The training and read-only commands end to end, as a user runs them.
 
 `launch/train.py` with the DDPO tracker, fixed priors from
-`launch/estimate_priors.py`, and reference priors; `launch/sample.py`. The
-read-only tools must leave a run's workdir byte for byte as it was.
+`launch/estimate_priors.py`, and reference priors across a SIGTERM and a
+resume; `launch/sample.py`. The read-only tools must leave a run's workdir
+byte for byte as it was.
 """
 
 from __future__ import annotations
@@ -121,29 +122,14 @@ def test_tracker_run_then_read_only_tools_then_fixed_priors(tmp_path):
 
 
 @pytest.mark.slow
-def test_reference_priors_through_the_command(tmp_path):
-    config = _config_file(tmp_path, **{"mesh.num_devices": 1})
-    rows = _train(
-        config,
-        tmp_path / "run",
-        "--config.prior.kind=reference",
-        "--config.train.num_epochs=2",
-        "--config.train.kl_beta=0.0",
-    )
-    # The reference policy's rollouts anchor every prompt before its first group:
-    # the prior is no longer the placeholder init_value (0.5) and stays fixed.
-    assert rows[0]["prior_mean"] != pytest.approx(0.5)
-    assert rows[1]["prior_mean"] == pytest.approx(rows[0]["prior_mean"], abs=1e-6)
-    assert all(r["onpolicy_ratio_max_dev"] == 0.0 for r in rows)
-
-
-@pytest.mark.slow
 def test_sigterm_exits_75_and_the_rerun_resumes_or_refuses_a_changed_config(tmp_path):
+    """A run with reference priors, stopped by SIGTERM after epoch 0 and resumed."""
     marker = tmp_path / "sigterm_sent"
     config = _config_file(
         tmp_path,
         **{
             "mesh.num_devices": 1,
+            "prior.kind": "reference",
             "rewards": {"saturation": {"weight": 1.0}, "sigterm_once": {"weight": 0.0}},
         },
     )
@@ -175,3 +161,8 @@ def test_sigterm_exits_75_and_the_rerun_resumes_or_refuses_a_changed_config(tmp_
 
     rows = _train(config, run)  # resumes: epoch 1 only
     assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(r["onpolicy_ratio_max_dev"] == 0.0 for r in rows)
+    # The reference policy's rollouts anchored every prompt before its first group
+    # (the prior left init_value 0.5), and the checkpointed anchors stay fixed.
+    assert rows[0]["prior_mean"] != pytest.approx(0.5)
+    assert rows[1]["prior_mean"] == pytest.approx(rows[0]["prior_mean"], abs=1e-6)

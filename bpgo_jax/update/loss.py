@@ -12,6 +12,7 @@ surrogate on `w A + s At`; with alpha = 0 and s = 0 it is plain GRPO.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -57,9 +58,16 @@ def step_loss(
     rows = jnp.arange(k.shape[0])
     x, x_next = mb.latents[rows, k], mb.latents[rows, k + 1]
     t = jnp.asarray(sampler.tables["model_t"])[k]
-    out = samplers.guided_prediction(
-        model, sampler.guidance_scale, trainable, frozen, x, t, mb.cond, uncond
-    )
+    # Differentiated as is, the network would be compiled with its backward pass:
+    # intermediates become residuals, XLA fuses differently from the rollout's
+    # forward-only program, and a reduction whose order follows what is fused
+    # into it (XLA:CPU's GroupNorm statistics, for one) rounds differently, so the
+    # on-policy ratio misses 1 (in bfloat16 by more than a 1e-4 clip range).
+    # `jax.checkpoint` keeps only the inputs as residuals and recomputes the
+    # network for the gradient: this output is computed as in the rollout, for
+    # one more forward pass per trained step.
+    predict = functools.partial(samplers.guided_prediction, model, sampler.guidance_scale)
+    out = jax.checkpoint(predict)(trainable, frozen, x, t, mb.cond, uncond)
     log_ratio, mean, std = samplers.log_ratio(sampler, k, x, x_next, out, mb.outputs[rows, k])
     ratio = jnp.exp(log_ratio)
     per_sample = mb.ras_weights * clipped_surrogate(ratio, mb.advantages, clip_range)
