@@ -43,6 +43,9 @@ VISION = dict(
     patch_size=8,
 )
 
+# Its module-scoped fixtures build once: keep the file on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_clip_parity")
+
 
 def _save(model, folder, **kwargs) -> str:
     model.save_pretrained(str(folder), safe_serialization=True, **kwargs)

@@ -24,6 +24,9 @@ from test_clip_parity import _to_openclip  # noqa: E402  (same tests/ folder)
 from bpgo_jax.models.clip.preprocess import preprocess_images  # noqa: E402
 from bpgo_jax.rewards import base, clip_rewards  # noqa: E402  (importing registers them)
 
+# Its module-scoped fixtures build once: keep the file on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_clip_rewards")
+
 TOL = 1e-4
 PROMPTS = ["a cat", "dog dog cat", "zebra " * 40]  # the last one is truncated to 77
 LETTERS = "abcdefghijklmnopqrstuvwxyz"

@@ -83,6 +83,10 @@ def _config(tmp_path, **kw):
     return tiny_config(tmp_path, **base)
 
 
+# The tests that compare with the baseline run share one xdist worker (and one run).
+BASELINE_GROUP = pytest.mark.xdist_group("engine_baseline")
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     """Uninterrupted 2-epoch run on one device."""
@@ -95,6 +99,7 @@ def _strip(record):
     return {k: v for k, v in record.items() if k not in TIMING_KEYS}
 
 
+@BASELINE_GROUP
 def test_baseline_trains_on_policy(baseline):
     records, _ = baseline
     assert jax.default_backend() == "cpu"  # so the baseline used the host loop
@@ -129,12 +134,14 @@ def _assert_same_run(records, params, other):
 
 
 @pytest.mark.parametrize("shape", [(8, 1), (4, 2)])
+@BASELINE_GROUP
 def test_sharded_matches_unsharded(baseline, tmp_path, shape):
     result = train(_config(tmp_path, **{"mesh.shape": shape}), tmp_path / "run")
     assert result.state.trainable["unet"]["conv_in"]["kernel"].sharding.mesh.devices.size == 8
     _assert_same_run(*baseline, result)
 
 
+@BASELINE_GROUP
 def test_scanned_accumulation_matches_host_loop(baseline, tmp_path):
     # The baseline (CPU) accumulates with a host loop; GPU/TPU default to scan.
     config = _config(tmp_path, **{"mesh.num_devices": 1, "train.accumulate": "scan"})
@@ -143,6 +150,7 @@ def test_scanned_accumulation_matches_host_loop(baseline, tmp_path):
     _assert_same_run(*baseline, train(config, tmp_path / "run"))
 
 
+@BASELINE_GROUP
 def test_sigterm_then_resume_matches_uninterrupted(baseline, tmp_path):
     records, params = baseline
     workdir = tmp_path / "run"

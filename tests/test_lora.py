@@ -13,6 +13,9 @@ from bpgo_jax.models import lora
 from bpgo_jax.models.sd import LoraSpec, preset, sd_model
 from bpgo_jax.models.sd.pipeline import model_from_modules, modules_from_configs
 
+# Its module-scoped fixtures build once: keep the file on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_lora")
+
 
 class Net(nn.Module):
     """Dense, 1x1 conv and 3x3 conv: two eligible kernels, one ineligible."""

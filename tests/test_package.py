@@ -48,6 +48,9 @@ TINY_EPOCH = (
     "--compile_cache=",
 )
 
+# Its module-scoped fixtures build once: keep the file on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_package")
+
 
 def _dist_name(requirement: str) -> str:
     """The normalised distribution name of a PEP 508 requirement string."""

@@ -82,6 +82,9 @@ SCHEDULE = dict(
     set_alpha_to_one=False,
     steps_offset=1,
 )
+
+# Its module-scoped fixtures build once: keep the file on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_sd_parity")
 PROMPTS = ["a photo of a cat", "hi", "photo photo photo"]
 
 

@@ -35,6 +35,9 @@ from bpgo_jax.models.sd import sd_from_config  # noqa: E402
 from bpgo_jax.parallel import mesh as mesh_lib  # noqa: E402
 from bpgo_jax.prompts import load_prompts  # noqa: E402
 
+# Its module-scoped fixtures build once: keep the file on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_sd_train")
+
 ROOT = Path(__file__).resolve().parents[1]
 SD_CONFIGS = {"sd_aesthetic": sd_aesthetic, "sd_pickscore": sd_pickscore}
 

@@ -23,6 +23,9 @@ from bpgo_jax.models import build_model, load_params, save_params, weights  # no
 from bpgo_jax.models.tiny import tiny_model  # noqa: E402
 from bpgo_jax.world import reward_model as rm  # noqa: E402
 
+# Its module-scoped fixtures build once: keep the file on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_weights")
+
 ASSETS = rm.DEFAULT_PATH.parent
 PROMPTS = [
     "a red circle",

@@ -34,6 +34,9 @@ TINY = rm.RewardModelConfig(
     text_heads=2, embed_dim=8,
 )  # fmt: skip
 
+# Its module-scoped fixtures build once: keep the file on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_world_reward")
+
 
 @pytest.fixture(scope="module")
 def shipped():
