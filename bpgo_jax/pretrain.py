@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -381,13 +380,6 @@ def export_path(workdir: Path, step: int) -> Path:
     return workdir / "checkpoints" / f"step_{step}.msgpack"
 
 
-def save_params_atomic(path: Path, trainable: Params, frozen: Params) -> None:
-    """`models.save_params` through a temporary file: a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_params(tmp, trainable, frozen)
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def sigterm_flag() -> Iterator[Callable[[], bool]]:
     """`preempted()` turns True once SIGTERM arrives (main thread only; elsewhere never)."""
@@ -578,7 +570,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, command: str) -> dict[
                     bar.set_postfix(loss=f"{loss:.4f}")
                 if step % cfg.eval.every == 0 or step == tc.steps:
                     acc = float(evaluate(state.ema, cfg.eval.num_prompts)[0])
-                    save_params_atomic(
+                    save_params(
                         export_path(workdir, step), state.ema["trainable"], state.ema["frozen"]
                     )
                     progress.seconds = time.time() - start
@@ -630,7 +622,7 @@ def _ship(
     k = min(cfg.eval.num_images, n)
     labels = [f"{'OK' if o else '--'} {p}" for o, p in zip(ok[:k], prompts[:k], strict=True)]
     save_png(workdir / "samples.png", captioned_grid(images[:k], labels))
-    save_params_atomic(workdir / "generator.msgpack", trainable, frozen)
+    save_params(workdir / "generator.msgpack", trainable, frozen)
     info = {
         "model": image_model_block(cfg),
         "command": command,

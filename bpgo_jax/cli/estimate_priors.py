@@ -41,6 +41,7 @@ def main(argv):
     import numpy as np
 
     from bpgo_jax.build import load_policy
+    from bpgo_jax.checkpoint import atomic_write
     from bpgo_jax.errors import UserError
     from bpgo_jax.rollout.step import to_host
 
@@ -83,9 +84,7 @@ def main(argv):
         )
         for i in range(n)
     ]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(out)
+    atomic_write(out, "".join(line + "\n" for line in lines))
     print(f"wrote {n} priors (mean {priors.mean():.4f}, std {priors.std():.4f}) to {out}")
 
 
