@@ -10,6 +10,12 @@ and the output projection `out` `[heads, head_dim, out]`, adapted as the
 matrices `[in, heads*head_dim]` and `[heads*head_dim, out]`.
 `B = 0` at init, so the merged model equals the base model exactly until the
 first update; the base stays frozen and only the factors receive gradients.
+
+Kernels of scanned stacks (a `stacked` path segment, e.g.
+`transformer_blocks/stacked/attn/to_q/kernel` of shape `[layers, in, out]`,
+see `models/scan.py`) are judged and adapted per layer: their factors carry
+the same leading layer axes (`[layers, in, r]`, `[layers, r, out]`), so every
+layer has its own adapter and the scan slices them with the kernels.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from bpgo_jax.models.scan import num_layer_axes
 
 Params = Any
 
@@ -46,8 +54,13 @@ def spec_from_config(cfg: Mapping[str, Any] | None, default_targets: Sequence[st
     return LoraSpec(int(cfg["rank"]), float(cfg.get("alpha", None) or cfg["rank"]), targets)
 
 
+def _layer_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A kernel's shape without the leading layer axes of a stacked path."""
+    return tuple(shape)[num_layer_axes(path) :]
+
+
 def _eligible(path: tuple[str, ...], leaf: Any) -> bool:
-    shape = tuple(np.shape(leaf))
+    shape = _layer_shape(path, tuple(np.shape(leaf)))
     return path[-1] == "kernel" and (
         len(shape) in (2, 3) or (len(shape) == 4 and shape[:2] == (1, 1))
     )
@@ -97,10 +110,12 @@ def init_lora(
     flat = traverse_util.flatten_dict(base_params)
     out: dict[tuple[str, ...], jax.Array] = {}
     for i, path in enumerate(target_paths(base_params, targets)):
-        d_in, d_out = _in_out(path, tuple(np.shape(flat[path])))
+        shape = tuple(np.shape(flat[path]))
+        lead = shape[: num_layer_axes(path)]
+        d_in, d_out = _in_out(path, _layer_shape(path, shape))
         key = jax.random.fold_in(rng, i)
-        out[(*path, "lora_a")] = jax.random.normal(key, (d_in, rank), jnp.float32) / rank
-        out[(*path, "lora_b")] = jnp.zeros((rank, d_out), jnp.float32)
+        out[(*path, "lora_a")] = jax.random.normal(key, (*lead, d_in, rank), jnp.float32) / rank
+        out[(*path, "lora_b")] = jnp.zeros((*lead, rank, d_out), jnp.float32)
     return traverse_util.unflatten_dict(out)
 
 
@@ -136,6 +151,7 @@ def merge(base_params: Params, lora_params: Params, *, alpha: float, rank: int) 
             raise ValueError(f"LoRA factor for {'/'.join(path)} has no base kernel")
         w = flat[path]
         a, b = factors[(*path, "lora_a")], factors[(*path, "lora_b")]
+        # Batched over a stacked kernel's layer axes.
         delta = (scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))).reshape(w.shape)
         flat[path] = (w.astype(jnp.float32) + delta).astype(w.dtype)
     return traverse_util.unflatten_dict(flat)

@@ -22,6 +22,8 @@ become Flax's (Linear `[out, in]` -> `[in, out]`; Conv `[O, I, *K]` ->
 Unknown, missing and mis-shaped tensors fail naming the checkpoint key and
 its file. Each tensor is cast and placed on `sharding_fn(path, shape)` as
 soon as it is read, so the host holds one tensor, never the whole model.
+`read_stacked_params` does the same for modules with scanned stacks
+(`models/scan.py`), stacking per-index tensors into `.../stacked/...` ones.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from flax import serialization, traverse_util
 from safetensors import SafetensorError, safe_open
 
 from bpgo_jax.errors import WeightsError
+from bpgo_jax.models.scan import STACKED
 
 Path = tuple[str, ...]
 ShardingFn = Callable[[Path, tuple[int, ...]], jax.sharding.Sharding]
@@ -412,6 +415,192 @@ def read_params(
         listed = ", ".join(missing[:_MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
         raise WeightsError(f"missing tensor(s) {listed} in {reader.source}")
     return traverse_util.unflatten_dict(params)
+
+
+# ---------------------------------------------------------------- stacked (scanned) parameters
+
+# A stacked subtree (a path prefix ending in `stacked`) -> (checkpoint list name, first index).
+StackMap = Mapping[Path | str, tuple[str, int]]
+
+
+def _stack_prefixes(paths: Any, stacks: StackMap | None) -> dict[Path, tuple[str, int]]:
+    """Every stacked subtree among `paths` and the checkpoint list it comes from.
+
+    By default `a/transformer_blocks/stacked/...` holds `a.transformer_blocks.{0..n-1}`;
+    `stacks` overrides that per subtree, e.g. `{"transformer_blocks/stacked":
+    ("transformer_blocks", 0), "single_blocks/stacked": ("transformer_blocks", 13)}`
+    for two stacks over one checkpoint list.
+    """
+    given = {
+        tuple(k.split("/")) if isinstance(k, str) else tuple(k): v
+        for k, v in (stacks or {}).items()
+    }
+    found: dict[Path, tuple[str, int]] = {}
+    for path in paths:
+        if STACKED not in path:
+            continue
+        i = path.index(STACKED)
+        if i == 0 or STACKED in path[i + 1 :]:
+            raise ValueError(f"{'/'.join(path)}: a stack needs a name and cannot nest another")
+        prefix = path[: i + 1]
+        found.setdefault(prefix, given.get(prefix, (path[i - 1], 0)))
+    unknown = sorted("/".join(k) for k in set(given) - set(found))
+    if unknown:
+        raise ValueError(f"stacks {unknown} name no stacked subtree of the parameters")
+    return found
+
+
+def _index_path(path: Path, prefix: Path, list_name: str, index: int) -> Path:
+    return (*prefix[:-2], f"{list_name}_{index}", *path[len(prefix) :])
+
+
+def _stack_plan(shapes: Mapping[Path, Any], stacks: StackMap | None) -> dict[Path, list[Path]]:
+    """Stacked path -> the per-index paths of its layers, in layer order."""
+    prefixes = _stack_prefixes(shapes, stacks)
+    plan = {}
+    for path, leaf in shapes.items():
+        prefix = next((p for p in prefixes if path[: len(p)] == p), None)
+        if prefix is not None:
+            name, start = prefixes[prefix]
+            n = np.shape(leaf)[0]
+            plan[path] = [_index_path(path, prefix, name, start + i) for i in range(n)]
+    return plan
+
+
+def unstacked_shapes(expected: Mapping[Path, Any], stacks: StackMap | None = None) -> dict:
+    """`expected` (see `expected_shapes`) with every stacked `[n, ...]` tensor replaced by the
+    `n` per-index tensors a checkpoint stores (`transformer_blocks_3/attn/to_q/kernel`)."""
+    plan = _stack_plan(expected, stacks)
+    out: dict[Path, Any] = {}
+    for path, leaf in expected.items():
+        if path not in plan:
+            out[path] = leaf
+            continue
+        layer = jax.ShapeDtypeStruct(tuple(leaf.shape)[1:], leaf.dtype)
+        for index_path in plan[path]:
+            if index_path in expected:
+                raise ValueError(f"{'/'.join(index_path)} is both stacked and unstacked")
+            out[index_path] = layer
+    return out
+
+
+def _stack(*layers: jax.Array) -> jax.Array:
+    return jnp.stack(layers)
+
+
+def _stack_one(arrays: list[Any], sharding: jax.sharding.Sharding | None) -> jax.Array:
+    # One module-level function: jit's cache then compiles once per shape and sharding.
+    return jax.jit(_stack, out_shardings=sharding)(*arrays)
+
+
+def stack_params(
+    params: Any,
+    expected: Mapping[Path, Any],
+    *,
+    stacks: StackMap | None = None,
+    prefix: Path = (),
+    sharding_fn: ShardingFn | None = None,
+    free: bool = False,
+) -> dict:
+    """A per-index parameter tree -> the stacked tree that the flat `expected` describes.
+
+    Each stacked tensor is assembled on its devices (`sharding_fn(prefix +
+    path, shape)`, default placement without one); `free` deletes the
+    per-index arrays as they are stacked, so a checkpoint's worth of memory
+    is never held twice.
+    """
+    flat = dict(traverse_util.flatten_dict(params))
+    plan = _stack_plan(expected, stacks)
+    out: dict[Path, Any] = {}
+    for path in expected:
+        if path not in plan:
+            if path not in flat:
+                raise WeightsError(f"missing tensor {'/'.join(path)}")
+            out[path] = flat.pop(path)
+            continue
+        missing = [p for p in plan[path] if p not in flat]
+        if missing:
+            raise WeightsError(f"missing tensor {'/'.join(missing[0])} of stack {'/'.join(path)}")
+        layers = [flat.pop(p) for p in plan[path]]
+        shape = (len(layers), *np.shape(layers[0]))
+        sharding = None if sharding_fn is None else sharding_fn(prefix + path, shape)
+        out[path] = _stack_one(layers, sharding)
+        if free:
+            for layer in layers:
+                if isinstance(layer, jax.Array):
+                    layer.delete()
+    if flat:
+        raise WeightsError(f"unexpected tensor {'/'.join(next(iter(flat)))} (not in the model)")
+    return traverse_util.unflatten_dict(out)
+
+
+def unstack_params(params: Any, *, stacks: StackMap | None = None) -> dict:
+    """The inverse of `stack_params`: every stacked tensor split into its per-index tensors,
+    the layout (and, through `torch_name`, the names) of a diffusers checkpoint."""
+    flat = traverse_util.flatten_dict(params)
+    plan = _stack_plan(flat, stacks)
+    out: dict[Path, Any] = {}
+    for path, value in flat.items():
+        if path not in plan:
+            out[path] = value
+            continue
+        for i, index_path in enumerate(plan[path]):
+            out[index_path] = value[i]
+    return traverse_util.unflatten_dict(out)
+
+
+def _layer_sharding(full: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """One layer's slice of a stacked tensor's sharding (the layer axis is never sharded)."""
+    if isinstance(full, jax.sharding.NamedSharding):
+        spec = tuple(full.spec)[1:]
+        return jax.sharding.NamedSharding(full.mesh, jax.sharding.PartitionSpec(*spec))
+    return full
+
+
+def read_stacked_params(
+    reader: Tensors,
+    expected: Mapping[Path, Any],
+    *,
+    stacks: StackMap | None = None,
+    rename: Rename | None = None,
+    not_an_index: frozenset[str] = NOT_AN_INDEX,
+    prefix: Path = (),
+    dtype: Any = jnp.float32,
+    sharding_fn: ShardingFn | None = None,
+) -> dict:
+    """`read_params` for a module with scanned stacks (`models.scan.Stack`).
+
+    The checkpoint's per-index tensors (`transformer_blocks.3.attn.to_q.weight`)
+    are read, converted and checked one by one as `read_params` does, each
+    placed on its layer's slice of the stacked tensor's sharding, then stacked
+    on the devices (`transformer_blocks/stacked/attn/to_q/kernel`, `[n, in,
+    out]`) and freed. `stacks` maps stacked subtrees to checkpoint lists where
+    the default (same name, from index 0) does not hold (see `_stack_prefixes`).
+    """
+    plan = _stack_plan(expected, stacks)
+    owner = {p: (path, len(layers)) for path, layers in plan.items() for p in layers}
+    layer_fn = None
+    if sharding_fn is not None:
+
+        def layer_fn(path: Path, shape: tuple[int, ...]) -> jax.sharding.Sharding:
+            local = path[len(prefix) :]
+            if local in owner:
+                stacked, n = owner[local]
+                return _layer_sharding(sharding_fn(prefix + stacked, (n, *shape)))
+            return sharding_fn(path, shape)
+
+    per_index = read_params(
+        reader,
+        unstacked_shapes(expected, stacks),
+        rename=rename,
+        not_an_index=not_an_index,
+        prefix=prefix,
+        dtype=dtype,
+        sharding_fn=layer_fn,
+    )
+    return stack_params(
+        per_index, expected, stacks=stacks, prefix=prefix, sharding_fn=sharding_fn, free=True
+    )
 
 
 # ---------------------------------------------------------------- msgpack params files

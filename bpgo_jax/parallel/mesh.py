@@ -5,6 +5,12 @@ placed by the first regex rule that matches their '/'-joined path. A rule's
 spec names one mesh axis (or None) per array dimension; "fsdp_auto" shards the
 largest dimension divisible by the fsdp size, which is what fully-sharded data
 parallelism wants for large models and harmless for small ones.
+
+Stacked (scanned) parameters, whose paths hold a `stacked` segment
+(`transformer_blocks/stacked/attn/to_q/kernel`, `[layers, in, out]`; see
+`models/scan.py`), are matched by the same rules, which then apply to the
+per-layer dims: the leading layer axis is never sharded, so each scan step
+reads its layer's shards without communication.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from bpgo_jax.models.scan import num_layer_axes
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -70,6 +78,13 @@ def path_string(path) -> str:
 
 
 def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh, rules) -> P:
+    """The first matching rule's spec; a stacked tensor's layer axes stay unsharded."""
+    lead = min(num_layer_axes(name), len(shape))
+    inner = _layer_spec(name, tuple(shape)[lead:], mesh, rules)
+    return P(*([None] * lead), *inner) if lead and len(inner) else inner
+
+
+def _layer_spec(name: str, shape: tuple[int, ...], mesh: Mesh, rules) -> P:
     for pattern, spec in rules:
         if not re.fullmatch(pattern, name):
             continue

@@ -69,13 +69,15 @@ def _load_tower(
     dtype: Any,
     sharding_fn: weights.ShardingFn | None,
     with_projection: bool | None,
+    attention: str = "auto",
+    variant: str | None = None,
 ) -> tuple[Any, dict]:
     module_cls, own, other, proj_name = _TOWERS[tower]
     cfg = config_lib.tower_config(read_config(folder), tower)
     inputs = text_inputs(cfg) if tower == "text" else vision_inputs(cfg)
-    with weights.open_tensors(folder) as reader:
+    with weights.open_tensors(folder, variant) as reader:
         proj = proj_name in reader if with_projection is None else with_projection
-        module = module_cls(cfg, with_projection=proj, dtype=dtype)
+        module = module_cls(cfg, with_projection=proj, dtype=dtype, attention=attention)
         params = weights.read_params(
             reader,
             weights.expected_shapes(module, inputs),
@@ -92,10 +94,22 @@ def load_clip_text(
     dtype: Any = jnp.float32,
     sharding_fn: weights.ShardingFn | None = None,
     with_projection: bool | None = None,
+    attention: str = "auto",
+    variant: str | None = None,
 ) -> tuple[CLIPTextModel, dict]:
-    """`module.apply({"params": params}, input_ids) -> (last_hidden_state, pooled)`."""
+    """`module.apply({"params": params}, input_ids) -> (last_hidden_state, pooled)`.
+
+    `attention` is the kernel of `models.attention` (`config.model.attention`);
+    `variant` picks `model.<variant>.safetensors` files (e.g. "fp16").
+    """
     return _load_tower(
-        folder, "text", dtype=dtype, sharding_fn=sharding_fn, with_projection=with_projection
+        folder,
+        "text",
+        dtype=dtype,
+        sharding_fn=sharding_fn,
+        with_projection=with_projection,
+        attention=attention,
+        variant=variant,
     )
 
 
@@ -105,25 +119,37 @@ def load_clip_vision(
     dtype: Any = jnp.float32,
     sharding_fn: weights.ShardingFn | None = None,
     with_projection: bool | None = None,
+    attention: str = "auto",
 ) -> tuple[CLIPVisionModel, dict]:
     """`module.apply({"params": params}, pixels_nhwc) -> (last_hidden_state, pooled)`."""
     return _load_tower(
-        folder, "vision", dtype=dtype, sharding_fn=sharding_fn, with_projection=with_projection
+        folder,
+        "vision",
+        dtype=dtype,
+        sharding_fn=sharding_fn,
+        with_projection=with_projection,
+        attention=attention,
     )
 
 
-def clip_module_and_shapes(cfg: config_lib.ClipConfig, dtype: Any) -> tuple[CLIPModel, dict]:
-    module = CLIPModel(cfg, dtype=dtype)
+def clip_module_and_shapes(
+    cfg: config_lib.ClipConfig, dtype: Any, attention: str = "auto"
+) -> tuple[CLIPModel, dict]:
+    module = CLIPModel(cfg, dtype=dtype, attention=attention)
     inputs = (text_inputs(cfg.text), vision_inputs(cfg.vision))
     return module, weights.expected_shapes(module, *inputs)
 
 
 def load_clip(
-    folder: str, *, dtype: Any = jnp.float32, sharding_fn: weights.ShardingFn | None = None
+    folder: str,
+    *,
+    dtype: Any = jnp.float32,
+    sharding_fn: weights.ShardingFn | None = None,
+    attention: str = "auto",
 ) -> tuple[CLIPModel, dict]:
     """A full transformers `CLIPModel`: `module.apply(v, input_ids, pixels)` gives logits."""
     cfg = config_lib.clip_config_from_dict(read_config(folder))
-    module, expected = clip_module_and_shapes(cfg, dtype)
+    module, expected = clip_module_and_shapes(cfg, dtype, attention)
     with weights.open_tensors(folder) as reader:
         params = weights.read_params(
             reader, expected, rename=clip_rename, dtype=dtype, sharding_fn=sharding_fn

@@ -4,6 +4,8 @@ Submodule names mirror the transformers state-dict names (`text_model`,
 `encoder/layers_3/self_attn/q_proj`, `pre_layrnorm`, ...) so that weight
 conversion is a mechanical rename (see `loaders.py`). Images enter as NHWC
 (the JAX convention), already resized and normalised (see `preprocess.py`).
+Every module takes `attention`, the kernel of `models.attention` ("auto":
+cuDNN / splash where they run, XLA on CPU).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bpgo_jax.models.attention import attention
 from bpgo_jax.models.clip.config import ClipConfig, TextConfig, VisionConfig
 from bpgo_jax.models.layers import activation
 
@@ -27,6 +30,7 @@ class Attention(nn.Module):
     num_heads: int
     causal: bool
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -37,7 +41,7 @@ class Attention(nn.Module):
         k = dense(name="k_proj")(x).reshape(shape)
         v = dense(name="v_proj")(x).reshape(shape)
         # Scale 1/sqrt(head_dim); softmax in float32 whatever the compute dtype.
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        out = attention(q, k, v, causal=self.causal, implementation=self.attention)
         return dense(name="out_proj")(out.reshape(b, n, d))
 
 
@@ -59,13 +63,15 @@ class EncoderLayer(nn.Module):
     cfg: TextConfig | VisionConfig
     causal: bool
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         ln = functools.partial(nn.LayerNorm, epsilon=self.cfg.layer_norm_eps, dtype=self.dtype)
-        x = x + Attention(self.cfg.num_attention_heads, self.causal, self.dtype, name="self_attn")(
-            ln(name="layer_norm1")(x)
+        attn = Attention(
+            self.cfg.num_attention_heads, self.causal, self.dtype, self.attention, name="self_attn"
         )
+        x = x + attn(ln(name="layer_norm1")(x))
         mlp = Mlp(self.cfg.intermediate_size, self.cfg.hidden_act, self.dtype, name="mlp")
         return x + mlp(ln(name="layer_norm2")(x))
 
@@ -74,12 +80,22 @@ class Encoder(nn.Module):
     cfg: TextConfig | VisionConfig
     causal: bool
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, output_hidden_states: bool = False
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
+        """With `output_hidden_states`, also transformers' `hidden_states`: the
+        input and every layer's output (`[-2]` is the penultimate layer's)."""
+        hidden = [x]
         for i in range(self.cfg.num_hidden_layers):
-            x = EncoderLayer(self.cfg, self.causal, self.dtype, name=f"layers_{i}")(x)
-        return x
+            layer = EncoderLayer(
+                self.cfg, self.causal, self.dtype, self.attention, name=f"layers_{i}"
+            )
+            x = layer(x)
+            hidden.append(x)
+        return (x, tuple(hidden)) if output_hidden_states else x
 
 
 class TextEmbeddings(nn.Module):
@@ -103,15 +119,19 @@ class TextEmbeddings(nn.Module):
 
 
 class TextTransformer(nn.Module):
-    """`input_ids [B, L] -> (last_hidden_state [B, L, D], pooled [B, D])`."""
+    """`input_ids [B, L] -> (last_hidden_state [B, L, D], pooled [B, D])`, and with
+    `output_hidden_states` also the per-layer states (see `Encoder`), which
+    SDXL / SD3 read at the penultimate layer, before the final layer norm."""
 
     cfg: TextConfig
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, input_ids: jax.Array, output_hidden_states: bool = False) -> tuple:
         x = TextEmbeddings(self.cfg, self.dtype, name="embeddings")(input_ids)
-        x = Encoder(self.cfg, causal=True, dtype=self.dtype, name="encoder")(x)
+        encoder = Encoder(self.cfg, True, self.dtype, self.attention, name="encoder")
+        x, hidden = encoder(x, output_hidden_states=True)
         x = nn.LayerNorm(
             epsilon=self.cfg.layer_norm_eps, dtype=self.dtype, name="final_layer_norm"
         )(x)
@@ -120,7 +140,7 @@ class TextTransformer(nn.Module):
         else:  # first EOS: padding may reuse the EOS id
             eos_pos = jnp.argmax((input_ids == self.cfg.eos_token_id).astype(jnp.int32), axis=-1)
         pooled = jnp.take_along_axis(x, eos_pos[:, None, None], axis=1)[:, 0]
-        return x, pooled
+        return (x, pooled, hidden) if output_hidden_states else (x, pooled)
 
 
 class VisionEmbeddings(nn.Module):
@@ -158,13 +178,14 @@ class VisionTransformer(nn.Module):
 
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
         ln = functools.partial(nn.LayerNorm, epsilon=self.cfg.layer_norm_eps, dtype=self.dtype)
         x = VisionEmbeddings(self.cfg, self.dtype, name="embeddings")(pixels)
         x = ln(name="pre_layrnorm")(x)  # sic: the transformers name
-        x = Encoder(self.cfg, causal=False, dtype=self.dtype, name="encoder")(x)
+        x = Encoder(self.cfg, False, self.dtype, self.attention, name="encoder")(x)
         return x, ln(name="post_layernorm")(x[:, 0])
 
 
@@ -176,19 +197,25 @@ class CLIPTextModel(nn.Module):
     """transformers `CLIPTextModel`, or `CLIPTextModelWithProjection` when `with_projection`.
 
     Returns `(last_hidden_state, pooled)`; with a projection `pooled` is the
-    projected `text_embeds` (what SDXL's second encoder feeds the UNet).
+    projected `text_embeds` (what SDXL's second encoder and SD3 feed the
+    denoiser). `output_hidden_states=True` appends transformers'
+    `hidden_states` tuple (embeddings, then each layer's output).
     """
 
     cfg: TextConfig
     with_projection: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        hidden, pooled = TextTransformer(self.cfg, self.dtype, name="text_model")(input_ids)
+    def __call__(self, input_ids: jax.Array, output_hidden_states: bool = False) -> tuple:
+        out = TextTransformer(self.cfg, self.dtype, self.attention, name="text_model")(
+            input_ids, output_hidden_states
+        )
+        last, pooled = out[:2]
         if self.with_projection:
             pooled = _projection(self.cfg.projection_dim, self.dtype, "text_projection")(pooled)
-        return hidden, pooled
+        return (last, pooled, *out[2:])
 
 
 class CLIPVisionModel(nn.Module):
@@ -197,10 +224,12 @@ class CLIPVisionModel(nn.Module):
     cfg: VisionConfig
     with_projection: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
-        hidden, pooled = VisionTransformer(self.cfg, self.dtype, name="vision_model")(pixels)
+        tower = VisionTransformer(self.cfg, self.dtype, self.attention, name="vision_model")
+        hidden, pooled = tower(pixels)
         if self.with_projection:
             pooled = _projection(self.cfg.projection_dim, self.dtype, "visual_projection")(pooled)
         return hidden, pooled
@@ -219,10 +248,11 @@ class CLIPModel(nn.Module):
 
     cfg: ClipConfig
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     def setup(self):
-        self.text_model = TextTransformer(self.cfg.text, self.dtype)
-        self.vision_model = VisionTransformer(self.cfg.vision, self.dtype)
+        self.text_model = TextTransformer(self.cfg.text, self.dtype, self.attention)
+        self.vision_model = VisionTransformer(self.cfg.vision, self.dtype, self.attention)
         self.text_projection = _projection(self.cfg.projection_dim, self.dtype, None)
         self.visual_projection = _projection(self.cfg.projection_dim, self.dtype, None)
         init = nn.initializers.constant(self.cfg.logit_scale_init_value)

@@ -161,16 +161,18 @@ def load_openclip(
     hidden_act: str = "gelu",
     dtype: Any = jnp.float32,
     sharding_fn: weights.ShardingFn | None = None,
+    attention: str = "auto",
 ) -> tuple[CLIPModel, dict]:
     """An OpenCLIP `.safetensors` state dict -> our `CLIPModel` and its params.
 
-    `hidden_act` is "gelu" for LAION-trained models, "quick_gelu" for OpenAI's.
+    `hidden_act` is "gelu" for LAION-trained models, "quick_gelu" for OpenAI's;
+    `attention` is the kernel of `models.attention`.
     """
     with weights.open_tensors(path) as raw:
         reader = OpenClipReader(raw)
         cfg = openclip_config(
             reader, text_heads=text_heads, vision_heads=vision_heads, hidden_act=hidden_act
         )
-        module, expected = clip_module_and_shapes(cfg, dtype)
+        module, expected = clip_module_and_shapes(cfg, dtype, attention)
         params = weights.read_params(reader, expected, dtype=dtype, sharding_fn=sharding_fn)
     return module, params

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bpgo_jax.models.attention import attention
 from bpgo_jax.models.layers import activation
 
 Dtype = Any
@@ -92,14 +93,24 @@ class Upsample2D(nn.Module):
         return conv(self.channels, 3, "conv", self.dtype)(x)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, upcast: bool) -> jax.Array:
-    """Multi-head scaled dot-product attention on `[B, T, heads * dim_head]` projections."""
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    heads: int,
+    upcast: bool,
+    implementation: str = "auto",
+) -> jax.Array:
+    """Multi-head scaled dot-product attention on `[B, T, heads * dim_head]` projections.
+
+    `implementation` is `models.attention`'s (`config.model.attention`).
+    """
     split = lambda a: a.reshape(*a.shape[:2], heads, a.shape[-1] // heads)
     dtype = q.dtype
     q, k, v = split(q), split(k), split(v)
     if upcast:
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v).astype(dtype)
+    out = attention(q, k, v, implementation=implementation).astype(dtype)
     return out.reshape(*out.shape[:2], -1)
 
 
@@ -107,7 +118,8 @@ class Attention(nn.Module):
     """diffusers `Attention` (q/k/v/out projections, scale 1/sqrt(dim_head)) on `[B, T, C]`.
 
     `upcast` runs the attention itself in float32 (diffusers' `upcast_attention`,
-    needed by SD2.1 in half precision).
+    needed by SD2.1 in half precision; an explicit "cudnn" kernel still runs
+    in bfloat16). `attention` picks the kernel (`models.attention`).
     """
 
     heads: int
@@ -115,6 +127,7 @@ class Attention(nn.Module):
     out_dim: int
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -123,12 +136,16 @@ class Attention(nn.Module):
             nn.Dense, self.heads * self.dim_head, use_bias=False, dtype=self.dtype
         )
         q, k, v = dense(name="to_q")(x), dense(name="to_k")(context), dense(name="to_v")(context)
-        out = attend(q, k, v, self.heads, self.upcast)
+        out = attend(q, k, v, self.heads, self.upcast, self.attention)
         return nn.Dense(self.out_dim, dtype=self.dtype, name="to_out_0")(out)
 
 
 class SpatialSelfAttention(nn.Module):
-    """The VAE mid-block attention: GroupNorm, one head over all channels, residual."""
+    """The VAE mid-block attention: GroupNorm, one head over all channels, residual.
+
+    Its kernel is always "auto": one head of 512 channels is beyond cuDNN's
+    flash kernel, so on GPU it runs on XLA, and the frozen decoder needs no choice.
+    """
 
     groups: int
     eps: float = 1e-6

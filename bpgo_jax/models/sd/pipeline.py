@@ -47,11 +47,14 @@ class SDModules:
     tokenize: Tokenizer
 
 
-def modules_from_configs(configs: dict, dtype: Any = jnp.float32) -> SDModules:
+def modules_from_configs(
+    configs: dict, dtype: Any = jnp.float32, attention: str = "auto"
+) -> SDModules:
     """Modules from `{"unet", "vae", "text_encoder", "scheduler"[, "tokenizer"]}` config dicts.
 
     "tokenizer" (optional) is a tokenizer folder; without it a hash tokenizer
     over the text encoder's vocabulary stands in (random models only).
+    `attention` is the UNet's and text encoder's kernel (`models.attention`).
     """
     for key in ("unet", "vae", "text_encoder", "scheduler"):
         if key not in configs:
@@ -63,9 +66,9 @@ def modules_from_configs(configs: dict, dtype: Any = jnp.float32) -> SDModules:
     else:
         tokenize = HashTokenizer(text_cfg.vocab_size, text_cfg.max_position_embeddings)
     return SDModules(
-        unet=UNet2DConditionModel(unet_config_from_dict(dict(configs["unet"])), dtype),
+        unet=UNet2DConditionModel(unet_config_from_dict(dict(configs["unet"])), dtype, attention),
         vae=AutoencoderKL(vae_config_from_dict(dict(configs["vae"])), dtype),
-        text=CLIPTextModel(text_cfg, with_projection=False, dtype=dtype),
+        text=CLIPTextModel(text_cfg, with_projection=False, dtype=dtype, attention=attention),
         scheduler=scheduler_from_dict(dict(configs["scheduler"])),
         tokenize=tokenize,
     )
@@ -172,6 +175,7 @@ def sd_model(
     sharding_fn=None,
     variant: str | None = None,
     scheduler_overrides: dict | None = None,
+    attention: str = "auto",
 ) -> tuple[DiffusionModel, Params, Params]:
     """`(model, trainable, frozen)` from a diffusers folder or from config dicts.
 
@@ -179,15 +183,16 @@ def sd_model(
     (`{"unet", "vae", "text_encoder", "scheduler"}`, e.g. `presets.preset("sd15")`)
     give random weights from `rng`. `rng` also seeds the LoRA factors.
     `scheduler_overrides` (e.g. `{"prediction_type": "v_prediction"}`) replace
-    keys of the schedule read from the source.
+    keys of the schedule read from the source. `attention` is the UNet's and
+    text encoder's kernel (`models.attention`).
     """
     rng = jax.random.key(0) if rng is None else rng
     if isinstance(source, str):
         ckpt = loader.load_sd(source, dtype=dtype, sharding_fn=sharding_fn, variant=variant)
         mods = SDModules(
-            unet=ckpt.unet,
+            unet=ckpt.unet.clone(attention=attention),
             vae=ckpt.vae,
-            text=ckpt.text,
+            text=ckpt.text.clone(attention=attention),
             scheduler=ckpt.scheduler,
             tokenize=PretrainedTokenizer(
                 ckpt.tokenizer_path, ckpt.text.cfg.max_position_embeddings
@@ -195,7 +200,7 @@ def sd_model(
         )
         params = ckpt.params
     else:
-        mods, params = modules_from_configs(source, dtype), None
+        mods, params = modules_from_configs(source, dtype, attention), None
     if scheduler_overrides:
         schedule = scheduler_from_dict({**mods.scheduler.to_dict(), **scheduler_overrides})
         mods = dataclasses.replace(mods, scheduler=schedule)
@@ -219,7 +224,8 @@ def sd_from_config(
     optional `scheduler` dict overriding keys of the schedule (random or
     loaded; None values are ignored, so configs can declare overridable keys),
     optional `resolution`, optional `variant`, and optional
-    `lora` = {rank, alpha (default rank), targets (default: attention projections)}.
+    `lora` = {rank, alpha (default rank), targets (default: attention projections)},
+    and optional `attention` (the kernel, `models.attention`; default "auto").
     `config.model.prediction_type` is not read: it comes from the schedule, and
     a value that disagrees with it is an error rather than silently ignored.
     `sharding_fn(path, shape)` places each loaded tensor as it is read.
@@ -231,6 +237,7 @@ def sd_from_config(
         dtype=dtype,
         resolution=cfg.get("resolution", None),
         lora=lora,
+        attention=cfg.get("attention", "auto"),
         scheduler_overrides={
             k: v for k, v in dict(cfg.get("scheduler", None) or {}).items() if v is not None
         },

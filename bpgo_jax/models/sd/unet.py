@@ -79,6 +79,7 @@ class BasicTransformerBlock(nn.Module):
     only_cross_attention: bool = False
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -87,7 +88,13 @@ class BasicTransformerBlock(nn.Module):
 
         def attn(name):
             return Attention(
-                self.heads, self.dim_head, self.dim, self.upcast, self.dtype, name=name
+                self.heads,
+                self.dim_head,
+                self.dim,
+                self.upcast,
+                self.dtype,
+                self.attention,
+                name=name,
             )
 
         ctx1 = context if self.only_cross_attention else None
@@ -107,6 +114,7 @@ class Transformer2DModel(nn.Module):
     only_cross_attention: bool = False
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -125,6 +133,7 @@ class Transformer2DModel(nn.Module):
                 self.only_cross_attention,
                 self.upcast,
                 self.dtype,
+                self.attention,
                 name=f"transformer_blocks_{i}",
             )(y, context)
         if self.use_linear_projection:
@@ -134,7 +143,9 @@ class Transformer2DModel(nn.Module):
         return y + x
 
 
-def _transformer(cfg: UNetConfig, channels: int, block: int, dtype: Dtype, name: str):
+def _transformer(
+    cfg: UNetConfig, channels: int, block: int, dtype: Dtype, name: str, attention: str
+):
     heads = cfg.num_heads[block]
     return Transformer2DModel(
         heads=heads,
@@ -145,6 +156,7 @@ def _transformer(cfg: UNetConfig, channels: int, block: int, dtype: Dtype, name:
         only_cross_attention=cfg.only_cross_attention[block],
         upcast=cfg.upcast_attention,
         dtype=dtype,
+        attention=attention,
         name=name,
     )
 
@@ -161,6 +173,7 @@ class DownBlock(nn.Module):
     cfg: UNetConfig
     index: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, temb, context):
@@ -171,7 +184,9 @@ class DownBlock(nn.Module):
         for j in range(cfg.layers_per_block[i]):
             x = _resnet(cfg, ch, self.dtype, f"resnets_{j}")(x, temb)
             if with_attn:
-                x = _transformer(cfg, ch, i, self.dtype, f"attentions_{j}")(x, context)
+                x = _transformer(cfg, ch, i, self.dtype, f"attentions_{j}", self.attention)(
+                    x, context
+                )
             skips.append(x)
         if i < len(cfg.block_out_channels) - 1:
             x = Downsample2D(ch, cfg.downsample_padding, self.dtype, name="downsamplers_0")(x)
@@ -184,6 +199,7 @@ class MidBlock(nn.Module):
 
     cfg: UNetConfig
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, temb, context):
@@ -191,7 +207,7 @@ class MidBlock(nn.Module):
         ch, last = cfg.block_out_channels[-1], len(cfg.block_out_channels) - 1
         scale = cfg.mid_block_scale_factor
         x = _resnet(cfg, ch, self.dtype, "resnets_0", scale)(x, temb)
-        x = _transformer(cfg, ch, last, self.dtype, "attentions_0")(x, context)
+        x = _transformer(cfg, ch, last, self.dtype, "attentions_0", self.attention)(x, context)
         return _resnet(cfg, ch, self.dtype, "resnets_1", scale)(x, temb)
 
 
@@ -201,6 +217,7 @@ class UpBlock(nn.Module):
     cfg: UNetConfig
     index: int  # position among up blocks (0 = lowest resolution)
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, skips, temb, context):
@@ -214,17 +231,23 @@ class UpBlock(nn.Module):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
             x = _resnet(cfg, ch, self.dtype, f"resnets_{j}")(x, temb)
             if with_attn:
-                x = _transformer(cfg, ch, down, self.dtype, f"attentions_{j}")(x, context)
+                x = _transformer(cfg, ch, down, self.dtype, f"attentions_{j}", self.attention)(
+                    x, context
+                )
         if i < n - 1:
             x = Upsample2D(ch, self.dtype, name="upsamplers_0")(x)
         return x
 
 
 class UNet2DConditionModel(nn.Module):
-    """`(sample [B,H,W,C], timesteps [B] or scalar, context [B,L,D]) -> [B,H,W,C_out]`."""
+    """`(sample [B,H,W,C], timesteps [B] or scalar, context [B,L,D]) -> [B,H,W,C_out]`.
+
+    `attention` is the attention kernel (`config.model.attention`, see `models.attention`).
+    """
 
     cfg: UNetConfig
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
@@ -253,13 +276,15 @@ class UNet2DConditionModel(nn.Module):
         x = conv(ch0, cfg.conv_in_kernel, "conv_in", self.dtype)(sample.astype(self.dtype))
         skips = [x]
         for i in range(len(cfg.block_out_channels)):
-            x, res = DownBlock(cfg, i, self.dtype, name=f"down_blocks_{i}")(x, emb, context)
+            down = DownBlock(cfg, i, self.dtype, self.attention, name=f"down_blocks_{i}")
+            x, res = down(x, emb, context)
             skips.extend(res)
         if cfg.mid_block_type is not None:
-            x = MidBlock(cfg, self.dtype, name="mid_block")(x, emb, context)
+            x = MidBlock(cfg, self.dtype, self.attention, name="mid_block")(x, emb, context)
         for i in range(len(cfg.block_out_channels)):
             n = cfg.layers_per_block[-1 - i] + 1
-            x = UpBlock(cfg, i, self.dtype, name=f"up_blocks_{i}")(x, skips[-n:], emb, context)
+            up = UpBlock(cfg, i, self.dtype, self.attention, name=f"up_blocks_{i}")
+            x = up(x, skips[-n:], emb, context)
             skips = skips[:-n]
         x = group_norm(cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out", self.dtype)(x)
         x = activation(cfg.act_fn)(x)
