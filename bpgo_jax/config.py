@@ -20,8 +20,12 @@ from typing import Any
 import ml_collections
 
 from bpgo_jax import rewards as rewards_lib
+from bpgo_jax.advantages import bpgo as bpgo_forms
+from bpgo_jax.advantages.forms import PRESET_NAMES, resolve_forms
 from bpgo_jax.errors import ConfigError
 from bpgo_jax.models import tiny
+from bpgo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from bpgo_jax.models.scan import REMAT_POLICIES
 from bpgo_jax.parallel.mesh import BATCH_AXES
 from bpgo_jax.prompts import PromptSet, load_prompts
 
@@ -78,6 +82,12 @@ _REALS: tuple[tuple[str, str, str], ...] = (
     ("advantage.lam", ">= 0", ""),
     ("advantage.crt_coef", ">= 0", ""),
     ("advantage.max_exp", "> 0", ""),
+    ("advantage.bayes.alpha", ">= 0", ""),
+    ("advantage.bayes.prior_var", "> 0", "the variance of the prior's Normal"),
+    ("advantage.sign_std.alpha", ">= 0", ""),
+    ("advantage.sign_std.value", ">= 0", "a magnitude"),
+    ("advantage.binary.a", ">= 0", ""),
+    ("advantage.binary.tau", "> 0", ""),
     ("prior.decay", "in [0, 1)", ""),
     ("prior.init_value", "", ""),
     ("train.timestep_fraction", "in (0, 1]", ""),
@@ -96,8 +106,13 @@ _CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("prompts.on_too_long", ("warn", "error")),
     ("sample.kind", ("ddim", "flow")),
     ("sample.noise", FLOW_NOISE),
+    ("model.attention", ATTENTION_IMPLEMENTATIONS),
+    ("model.remat", REMAT_POLICIES),
     ("advantage.method", ADVANTAGE_METHODS),
     ("advantage.std", ("group", "global")),
+    ("advantage.preset", PRESET_NAMES),
+    ("advantage.sign_std.magnitude", bpgo_forms.SIGN_MAGNITUDES),
+    ("train.kl_form", ("gaussian", "flow_grpo")),
     ("prior.kind", PRIOR_KINDS),
     ("train.accumulate", ("auto", "scan", "host")),
     ("log.wandb.mode", ("online", "offline", "disabled")),
@@ -322,6 +337,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
             re.compile(target)
         except (re.error, TypeError) as err:
             raise ConfigError(f"model.lora.targets: {target!r} is not a regex ({err})") from None
+    _check_kernels(model)
     if model.name == "tiny_unet":
         _check_tiny(config)
     else:
@@ -342,6 +358,21 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
                 preset in PRESETS,
                 f"model.preset={preset!r} is not one of {tuple(PRESETS)} (model.init='random')",
             )
+
+
+def _check_kernels(model: ml_collections.ConfigDict) -> None:
+    """`model.attention` / `model.remat` where the model does not read them would be ignored."""
+    attention, remat = model.get("attention", "auto"), model.get("remat", "none")
+    _check(
+        attention == "auto" or model.name != "tiny_unet",
+        f"model.attention={attention!r}: the built-in model (tiny_unet) runs Flax's own "
+        "attention; only 'auto' applies to it",
+    )
+    _check(
+        remat == "none" or model.name not in ("tiny_unet", "sd"),
+        f"model.remat={remat!r} applies to the scanned DiT models; model.name="
+        f"{model.name!r} is not scanned (use 'none')",
+    )
 
 
 _TINY_SIZES = (
@@ -415,6 +446,12 @@ def _check_sample(config: ml_collections.ConfigDict) -> None:
             f"sample.noise_level={sample.noise_level} must be > 0: a "
             "deterministic sampler has no log-probability to train",
         )
+    kl_form = config.train.get("kl_form", "gaussian")
+    _check(
+        kl_form == "gaussian" or sample.kind == "flow",
+        f"train.kl_form={kl_form!r} is Flow-GRPO's form for the flow SDE; "
+        f"sample.kind={sample.kind!r} has only 'gaussian'",
+    )
     eval_noise = config.eval.get("noise", "")
     _check(
         eval_noise in ("", *FLOW_NOISE) and not (eval_noise and sample.kind != "flow"),
@@ -434,6 +471,7 @@ def _check_advantage_and_prior(config: ml_collections.ConfigDict) -> None:
         clamp is None or (_is_range(clamp) and clamp[0] >= 0),
         f"advantage.ras_clamp={clamp!r} must be None or (low, high) with 0 <= low <= high",
     )
+    _check_forms(adv, clamp)
     tracker = adv.get("tracker", None)
     if tracker is not None:
         _check(
@@ -446,6 +484,32 @@ def _check_advantage_and_prior(config: ml_collections.ConfigDict) -> None:
         prior_clip is None or _is_range(prior_clip),
         f"prior.clip={prior_clip!r} must be None or (low, high) with low <= high",
     )
+
+
+def _check_forms(adv: ml_collections.ConfigDict, clamp: Any) -> None:
+    """The preset and form fields agree, and the chosen RAS form's weights stay > 0
+    (a negative weight would flip the sign of its group's gradient)."""
+    forms = resolve_forms(adv)
+    low = clamp[0] if clamp is not None else -math.inf
+    if forms.ras == "bayes":
+        b = adv.bayes
+        _check(
+            _is_range(b.range),
+            f"advantage.bayes.range={b.range!r} must be (w_min, w_max) with w_min <= w_max",
+        )
+        lowest = 1.0 + b.alpha * (b.range[0] - 1.0)
+        _check(
+            max(lowest, low) > 0,
+            f"advantage.bayes.alpha={b.alpha} with range={tuple(b.range)} allows RAS weights "
+            f"down to {lowest:g}: keep 1 + alpha (w_min - 1) > 0 or set advantage.ras_clamp "
+            "with low > 0",
+        )
+    if forms.ras == "sign_std":
+        _check(
+            low > 0,
+            f"advantage.ras='sign_std' needs advantage.ras_clamp=(low, high) with low > 0, "
+            f"got {clamp!r}: 1 - alpha * std is unbounded below",
+        )
 
 
 def _check_mesh(config: ml_collections.ConfigDict) -> None:

@@ -23,6 +23,19 @@ from bpgo_jax.advantages import (
     zero_std_groups,
 )
 
+
+def paper(rewards, priors, *, alpha, k, lam, crt_coef, ras_clamp=None, max_exp=30.0, **kw):
+    """BPGO with the paper's forms (Eq. 2 and 4) in the auxiliary mode."""
+    return bpgo_advantages(
+        rewards,
+        priors,
+        ras=functools.partial(ras_weights, alpha=alpha, k=k, clamp=ras_clamp),
+        crt=functools.partial(crt_rewards, lam=lam, max_exp=max_exp),
+        crt_coef=crt_coef,
+        **kw,
+    )
+
+
 # Group 0: mean 3, deviations [-2,-1,0,3], var 14/4 = 3.5, std 1.8708287.
 # Group 1: mean 2, std 2. Whole batch: mean 2.5, var 32/8 = 4, std 2.
 R = np.array([[1.0, 2.0, 3.0, 6.0], [0.0, 4.0, 0.0, 4.0]], np.float32)
@@ -119,7 +132,7 @@ def test_crt_exp_guard_keeps_huge_rewards_finite():
     out = np.asarray(crt_rewards(np.array([[50.0, 0.0]]), np.array([0.0]), lam=1.0))
     chex.assert_trees_all_close(out, np.array([[5.4501020e14, 0.0]]), rtol=1e-5)  # 51 e^30
     r = np.array([[1e4, 0.0, 5.0, -1e4]], np.float32)
-    b = bpgo_advantages(r, np.zeros(1), alpha=0.5, k=1.0, lam=1.0, crt_coef=1.0)
+    b = paper(r, np.zeros(1), alpha=0.5, k=1.0, lam=1.0, crt_coef=1.0)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(b))
 
 
@@ -138,7 +151,7 @@ def test_crt_preserves_order_on_unit_interval(r, p, lam):
 
 
 def test_bpgo_hand_values():
-    b = bpgo_advantages(RC, PC, alpha=0.5, k=2.0, lam=2.0, crt_coef=0.3)
+    b = paper(RC, PC, alpha=0.5, k=2.0, lam=2.0, crt_coef=0.3)
     assert isinstance(b, BPGOAdvantages)
     # raw group means 0.5, 0.41667 vs priors 0.5, 0.25 -> w = 1, 1 + 0.5 tanh(1/6)
     chex.assert_trees_all_close(b.ras_weights, np.array([1.0, 1.0825702]), atol=1e-6)
@@ -153,7 +166,7 @@ def test_bpgo_hand_values():
 def test_alpha0_s0_is_grpo_bit_for_bit(std):
     r = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
     r[2] = 0.1
-    b = bpgo_advantages(r, r.mean(1) + 0.3, alpha=0.0, k=1.0, lam=1.0, crt_coef=0.0, std=std)
+    b = paper(r, r.mean(1) + 0.3, alpha=0.0, k=1.0, lam=1.0, crt_coef=0.0, std=std)
     # RAS weights exactly 1 and CRT terms exactly 0: the loss is GRPO's to the bit.
     np.testing.assert_array_equal(np.asarray(b.ras_weights), np.ones(4, np.float32))
     np.testing.assert_array_equal(np.asarray(b.crt_advantages), np.zeros((4, 6)))
@@ -166,7 +179,7 @@ def test_ras_uses_raw_rewards_not_crt():
     r = np.array([[0.0, 0.9]], np.float32)
     p = np.array([0.5], np.float32)
     r_before = r.copy()
-    b = bpgo_advantages(r, p, alpha=0.5, k=1.0, lam=2.0, crt_coef=1.0)
+    b = paper(r, p, alpha=0.5, k=1.0, lam=2.0, crt_coef=1.0)
     buggy = ras_weights(crt_rewards(r, p, lam=2.0), p, alpha=0.5, k=1.0)
     assert float(buggy[0]) > 1.0
     # 1 + 0.5 tanh((0.45 - 0.5) / 2) from the raw mean; z-scores of [0, 0.9] are -+1.
@@ -179,18 +192,18 @@ def test_bpgo_under_jit_matches_eager():
     r = np.random.default_rng(1).uniform(size=(3, 5)).astype(np.float32)
     p = np.array([0.2, 0.5, 0.8], np.float32)
     kw = dict(alpha=0.5, k=3.0, lam=1.0, crt_coef=0.5, clip=5.0, ras_clamp=(0.01, 10.0))
-    eager = bpgo_advantages(r, p, **kw)
-    jitted = jax.jit(functools.partial(bpgo_advantages, **kw))(r, p)
+    eager = paper(r, p, **kw)
+    jitted = jax.jit(functools.partial(paper, **kw))(r, p)
     chex.assert_trees_all_close(jitted, eager, rtol=1e-6, atol=1e-6)
     # Traced crt_coef: the computation cannot be skipped but 0 still means zeros.
-    f = jax.jit(lambda s: bpgo_advantages(r, p, alpha=0.5, k=3.0, lam=1.0, crt_coef=s))
+    f = jax.jit(lambda s: paper(r, p, alpha=0.5, k=3.0, lam=1.0, crt_coef=s))
     np.testing.assert_array_equal(np.asarray(f(0.0).crt_advantages), np.zeros((3, 5)))
     assert np.abs(np.asarray(f(0.5).crt_advantages)).max() > 0.1
 
 
 def test_advantage_metrics():
     r = np.array([[0.1] * 4, [0.0, 1.0, 0.0, 1.0]], np.float32)
-    b = bpgo_advantages(r, np.array([0.5, 0.0]), alpha=0.5, k=2.0, lam=1.0, crt_coef=0.0)
+    b = paper(r, np.array([0.5, 0.0]), alpha=0.5, k=2.0, lam=1.0, crt_coef=0.0)
     m = {k: float(v) for k, v in advantage_metrics(r, b).items()}
     assert m["zero_std_group_fraction"] == 0.5
     assert m["advantage_abs_mean"] == pytest.approx(0.5, abs=1e-6)  # 0s and +-1s

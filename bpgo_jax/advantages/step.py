@@ -2,7 +2,8 @@
 
 One pure function of the prior state and an epoch's rewards, so it can be
 tested alone and compiled once; the DDPO tracker, a host-side buffer, is
-applied afterwards by the loop.
+applied afterwards by the loop. Every BPGO form and CRT mode leaves here as
+the three per-sample terms of the one loss in `update/loss.py`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import ml_collections
 from jax.sharding import NamedSharding
 
 from bpgo_jax import priors as prior_lib
-from bpgo_jax.advantages.bpgo import advantage_metrics, bpgo_advantages
+from bpgo_jax.advantages import forms as forms_lib
+from bpgo_jax.advantages.bpgo import advantage_metrics, bpgo_advantages, loss_terms
 
 
 class SampleAdvantages(NamedTuple):
-    """Per-sample terms of the loss, each [B] (group values repeated G times)."""
+    """Per-sample terms of the loss `ras_weights * S(advantages) + s * S(crt_advantages)`,
+    each [B] (group values repeated G times); `bpgo.loss_terms` writes every CRT
+    mode in this form."""
 
     advantages: jax.Array
     ras_weights: jax.Array
@@ -38,26 +42,31 @@ def advantages_step(
     """Advantages of rewards [N * G] of prompts `ids` [N], new priors, metrics.
 
     The priors are looked up before this epoch's group means update them. GRPO
-    is BPGO with alpha = s = 0 (bit for bit).
+    (and the DDPO tracker, which replaces the advantages afterwards) is BPGO
+    without RAS and CRT: weights exactly 1, no CRT term.
     """
     groups = rewards.reshape(-1, group_size)
     kind = config.prior.kind
     clip = tuple(config.prior.clip) if config.prior.clip else None
     priors = prior_lib.lookup(prior_state, ids, kind=kind, clip=clip)
     a = config.advantage
-    bpgo = a.method == "bpgo"
+    forms = forms_lib.resolve_forms(a)
+    if a.method != "bpgo":
+        forms = forms._replace(ras="none", crt="none", ras_on="raw")
+    key = None
+    if forms.ras == "sign_std" and a.sign_std.magnitude == "random":
+        key = forms_lib.reward_key(config.seed, groups)
     out = bpgo_advantages(
         groups,
         priors,
-        alpha=a.alpha if bpgo else 0.0,
-        k=a.k,
-        lam=a.lam,
-        crt_coef=a.crt_coef if bpgo else 0.0,
+        ras=forms_lib.ras_function(a, forms, key),
+        crt=forms_lib.crt_function(a, forms),
+        crt_coef=a.crt_coef,
+        crt_mode=forms.crt_mode,
+        ras_on=forms.ras_on,
         std=a.std,
         eps=a.eps,
         clip=a.clip,
-        ras_clamp=tuple(a.ras_clamp) if a.ras_clamp else None,
-        max_exp=a.max_exp,
     )
     if kind == "moving_average":
         prior_state = prior_lib.update(
@@ -72,9 +81,7 @@ def advantages_step(
         group_std_mean=groups.std(axis=1).mean(),
     )
     per_sample = lambda x: jnp.repeat(x, group_size) if x.ndim == 1 else x.reshape(-1)
-    sample_adv = SampleAdvantages(
-        per_sample(out.advantages), per_sample(out.ras_weights), per_sample(out.crt_advantages)
-    )
+    sample_adv = SampleAdvantages(*map(per_sample, loss_terms(out, forms.crt_mode)))
     return sample_adv, prior_state, metrics
 
 

@@ -20,17 +20,23 @@ class PerPromptStatTracker:
 
     A prompt is normalised with its own buffer once that holds at least
     `min_count` rewards; before that with the statistics of the current batch.
+    `clip` bounds |A| as `advantage.clip` bounds GRPO's: these advantages
+    replace the clipped group ones, and a prompt whose buffer holds nearly
+    equal rewards would otherwise give an outlier a large one.
     """
 
-    def __init__(self, buffer_size: int, min_count: int) -> None:
+    def __init__(self, buffer_size: int, min_count: int, clip: float | None = None) -> None:
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
         if not 1 <= min_count <= buffer_size:
             raise ValueError(
                 f"min_count must be in [1, buffer_size={buffer_size}], got {min_count}"
             )
+        if clip is not None and not clip > 0:
+            raise ValueError(f"clip must be positive or None, got {clip!r}")
         self.buffer_size = int(buffer_size)
         self.min_count = int(min_count)
+        self.clip = None if clip is None else float(clip)
         self._buffers: dict[str, deque[float]] = {}
 
     def update(self, prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
@@ -57,6 +63,8 @@ class PerPromptStatTracker:
             else:
                 mean, std = batch_mean, batch_std
             adv[idx] = (r[idx] - mean) / (std + STD_EPS)
+        if self.clip is not None:
+            adv = np.clip(adv, -self.clip, self.clip)
         return adv.astype(np.float32)
 
     def stats(self) -> dict[str, float]:
@@ -76,8 +84,8 @@ class PerPromptStatTracker:
         }
 
     def load_state_dict(self, d: dict) -> None:
-        """Restores buffers; this tracker's own buffer_size / min_count win, so a
-        resumed run may change them (longer saved buffers keep their newest values)."""
+        """Restores buffers; this tracker's own buffer_size / min_count / clip win, so
+        a resumed run may change them (longer saved buffers keep their newest values)."""
         if "buffers" not in d:
             raise ValueError(f"state dict has no 'buffers' entry (keys: {sorted(d)})")
         self._buffers = {

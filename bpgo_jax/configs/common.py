@@ -37,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
         # projection (targets: regexes, default all) over a frozen UNet.
         lora=dict(rank=0, alpha=0.0, targets=()),
         scheduler=ml_collections.config_dict.placeholder(dict),
+        # Attention kernel: auto | xla | cudnn (GPU) | splash (TPU); see models/attention.py.
+        attention="auto",
+        # Rematerialisation of scanned DiT blocks: none | full | dots | names.
+        remat="none",
     )
     # on_too_long: prompts with more tokens than model.max_length are cut;
     # "warn" says how many once, "error" refuses them.
@@ -59,8 +63,17 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=32,
     )
     c.rewards = ml_collections.ConfigDict()
+    # BPGO's forms (bpgo_jax/advantages/forms.py): a preset, "paper" (Eq. 2-4)
+    # or "released" (the authors' code), or "custom"; a form field left ""
+    # takes the preset's value. alpha, k, lam, crt_coef are Eq. 2-4's; the
+    # released forms have their own blocks (bayes, sign_std, binary).
     c.advantage = dict(
         method="bpgo",
+        preset="paper",
+        ras="",  # paper | bayes | sign_std | none
+        crt="",  # paper | binary | none
+        crt_mode="",  # auxiliary | replace | append
+        ras_on="",  # raw | transformed
         std="group",
         eps=1e-8,
         clip=5.0,
@@ -70,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
         crt_coef=0.5,
         max_exp=30.0,
         ras_clamp=(0.01, 10.0),
+        bayes=dict(alpha=1.0, prior_var=1.0, range=(0.5, 1.5)),
+        sign_std=dict(alpha=1.0, magnitude="std", value=0.0),  # magnitude: std | fixed | random
+        binary=dict(a=50.0, tau=5.0),
         tracker=dict(buffer_size=32, min_count=16),
     )
     c.prior = dict(
@@ -89,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
         timestep_window=(),
         clip_range=1e-4,
         kl_beta=0.0,
+        # The KL's denominator: "gaussian" (the transition variance std_t^2 |dt|,
+        # the exact KL of the two steps) or "flow_grpo" (std_t^2, as Flow-GRPO).
+        kl_form="gaussian",
         ema_decay=0.0,
         lr=1e-4,
         warmup_updates=0,  # linear lr ramp over the first N optimizer updates

@@ -133,16 +133,20 @@ def flow_sigmas(num_steps: int, shift: float = 1.0) -> np.ndarray:
 def flow_tables(num_steps: int, shift: float, noise: str, level: float) -> dict[str, np.ndarray]:
     """Coefficients of the rectified-flow SDE step `mean = cx * x + cv * v`.
 
-    noise="flow_grpo": std_t = level * sqrt(s / (1 - s)) (level ~ 0.7); at s = 1
-    the denominator uses the next noise level, so the first step stays finite.
+    noise="flow_grpo": std_t = level * sqrt(s / (1 - s)) (level ~ 0.7); the first
+    step (s = 1) uses the next noise level in the denominator, so it stays
+    finite. It is chosen by index: with SD3's shift, s_0 = shift / shift can
+    round to 1 - 2 ulp, which a test `s >= 1` misses (std_t ~ 5e7).
     noise="dance": std_t = level (DanceGRPO's constant eta). noise="ode": 0.
-    The transition std is `std_t * sqrt(-dt)`.
+    The transition std is `std_t * sqrt(-dt)`; `sde_std` is std_t itself
+    (Flow-GRPO's KL divides by it).
     """
     s_all = flow_sigmas(num_steps, shift)
     s, s_next = s_all[:-1], s_all[1:]
     dt = s_next - s
     if noise == "flow_grpo":
-        denom_s = np.where(s >= 1.0, s_all[1], s)
+        denom_s = s.copy()
+        denom_s[0] = s_all[1]
         std_t = level * np.sqrt(s / (1 - denom_s))
     elif noise == "dance":
         std_t = np.full_like(s, level)
@@ -157,4 +161,5 @@ def flow_tables(num_steps: int, shift: float, noise: str, level: float) -> dict[
         "cx": cx.astype(np.float32),
         "cv": cv.astype(np.float32),
         "std": (std_t * np.sqrt(-dt)).astype(np.float32),
+        "sde_std": std_t.astype(np.float32),
     }

@@ -1,13 +1,21 @@
 """The BPGO / GRPO policy loss of one denoising step of one micro-batch.
 
-BPGO's objective is implemented in the paper's own form, two separately
-clipped surrogates per sample:
+One form serves every method and BPGO variant:
 
     w_i * S(ratio, A_ij) + s * S(ratio, At_ij),   S = -min(r A, clip(r) A)
 
-(w = RAS weight of the sample's group, A / At = group z-scores of the raw /
-CRT-transformed rewards). With the clip active this differs from one
-surrogate on `w A + s At`; with alpha = 0 and s = 0 it is plain GRPO.
+(`advantages.step.SampleAdvantages`: w = the RAS weight of the sample's group,
+A / At = group z-scores of the raw / CRT-transformed rewards in the paper's
+auxiliary mode; `advantages.bpgo.loss_terms` writes the released replace and
+append modes in it). With the clip active two surrogates differ from one on
+`w A + s At`; with w = 1 and s = 0 it is plain GRPO.
+
+The optional KL to the reference policy compares the two Gaussian steps'
+means, `beta * mean((mu - mu_ref)^2) / (2 var)`. `kl_form` picks var:
+"gaussian" divides by the transition variance (std_t^2 |dt| for the flow
+SDE), which makes it the exact KL of the two steps; "flow_grpo" divides by
+std_t^2 as Flow-GRPO's SD3 script does, a KL |dt| times smaller per step
+(flow sampler only).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import jax.numpy as jnp
 from bpgo_jax.rollout import samplers
 
 Params = Any
+KL_FORMS = ("gaussian", "flow_grpo")
 
 
 class PolicyBatch(NamedTuple):
@@ -53,8 +62,13 @@ def step_loss(
     clip_range: float,
     crt_coef: float,
     kl_beta: float,
+    kl_form: str = "gaussian",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss at per-sample step indices `k` [b] of micro-batch `mb`."""
+    if kl_form not in KL_FORMS:
+        raise ValueError(f"kl_form must be one of {KL_FORMS}, got {kl_form!r}")
+    if kl_beta and kl_form == "flow_grpo" and "sde_std" not in sampler.tables:
+        raise ValueError(f"kl_form='flow_grpo' needs the flow sampler, not {sampler.kind!r}")
     rows = jnp.arange(k.shape[0])
     x, x_next = mb.latents[rows, k], mb.latents[rows, k + 1]
     t = jnp.asarray(sampler.tables["model_t"])[k]
@@ -79,9 +93,11 @@ def step_loss(
             model, sampler.guidance_scale, ref_trainable, frozen, x, t, mb.cond, uncond
         )
         ref_mean, _ = samplers.transition(sampler, k, x, jax.lax.stop_gradient(ref_out))
-        kl = ((mean - ref_mean) ** 2).mean(axis=tuple(range(1, x.ndim))) / (
-            2 * jnp.squeeze(std, axis=tuple(range(1, x.ndim))) ** 2
-        )
+        if kl_form == "gaussian":
+            step_std = jnp.squeeze(std, axis=tuple(range(1, x.ndim)))
+        else:
+            step_std = jnp.asarray(sampler.tables["sde_std"])[k]
+        kl = ((mean - ref_mean) ** 2).mean(axis=tuple(range(1, x.ndim))) / (2 * step_std**2)
         per_sample = per_sample + kl_beta * kl
         metrics["kl_ref"] = kl.mean()
     loss = per_sample.mean()

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bpgo_jax.advantages.forms import loss_crt_coef
 from bpgo_jax.parallel.batching import split_chunks
 from bpgo_jax.update.loss import PolicyBatch, step_loss
 
@@ -49,6 +50,7 @@ class StepOptions(NamedTuple):
     clip_range: float
     crt_coef: float
     kl_beta: float
+    kl_form: str
     ema_decay: float
 
     @property
@@ -61,7 +63,9 @@ def step_options(
 ) -> StepOptions:
     """`StepOptions` from a run config and its `config.batch_layout`.
 
-    Only BPGO has a CRT term: GRPO and the DDPO tracker train on one surrogate.
+    Only BPGO with CRT in auxiliary or append mode has a CRT term
+    (`advantages.forms.loss_crt_coef`): GRPO, the DDPO tracker and CRT's replace
+    mode train on one surrogate.
     """
     t = config.train
     return StepOptions(
@@ -73,8 +77,9 @@ def step_options(
         num_train_steps=layout["trained_steps"],
         window=layout["timestep_window"],
         clip_range=t.clip_range,
-        crt_coef=config.advantage.crt_coef if config.advantage.method == "bpgo" else 0.0,
+        crt_coef=loss_crt_coef(config),
         kl_beta=t.kl_beta,
+        kl_form=t.kl_form,
         ema_decay=t.ema_decay,
     )
 
@@ -125,6 +130,7 @@ def _accumulate(
         clip_range=opts.clip_range,
         crt_coef=opts.crt_coef,
         kl_beta=opts.kl_beta,
+        kl_form=opts.kl_form,
     )
     m, j = i // opts.num_train_steps, i % opts.num_train_steps
     mb = jax.tree.map(lambda x: x[m], micro)
