@@ -73,17 +73,22 @@ def get_config():
         kl_beta=0.04,
         ema_decay=0.0,
     )
-    # Two held-out prompt sets, never trained on: "val" (unseen captions of the
-    # training distribution) logs oracle_accuracy / eval_world_clip; the
-    # out-of-distribution "heldout" set (held-out colour-shape pairs and
-    # templates) logs them with the suffix _heldout.
+    # The test sets, never trained on and never used to tune or stop anything:
+    # "val" (unseen captions of the training distribution) logs oracle_accuracy /
+    # eval_world_clip; the out-of-distribution "heldout" set (held-out
+    # colour-shape pairs and templates) logs them with the suffix _heldout.
+    # The first 128 of each file's 512 keep the default run's evaluations as
+    # cheap as before; the study evaluates all 512 (configs/study.py). To tune
+    # by hand, evaluate on the dev sets instead:
+    # --config.eval.prompts_path=bpgo_jax/world/assets/prompts_val.jsonl
+    # --config.eval.extra_prompts.heldout=bpgo_jax/world/assets/prompts_heldout.jsonl
     c.eval.update(
         rewards={
             "world_oracle": {"weight": 1.0, "log_as": "oracle_accuracy"},
             "world_clip": {"weight": 1.0, "path": ""},
         },
-        prompts_path=str(ASSETS / "prompts_val.jsonl"),
-        extra_prompts={"heldout": str(ASSETS / "prompts_heldout.jsonl")},
+        prompts_path=str(ASSETS / "prompts_test_val.jsonl"),
+        extra_prompts={"heldout": str(ASSETS / "prompts_test_heldout.jsonl")},
         num_prompts=128,
         every=10,
     )

@@ -78,6 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
         freeze_text=False,  # True: the text encoder gets no updates
     )
     c.log_every = 25
+    # Early stopping and checkpoint choice read the held-out dev set; the test
+    # sets (prompts_test_*.jsonl, docs/world.md) must never be used here.
     c.eval = dict(
         prompts_path=str(ASSETS / "prompts_heldout.jsonl"),
         every=500,
