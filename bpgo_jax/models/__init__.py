@@ -46,7 +46,15 @@ def build_model(
         from bpgo_jax.models.sd.pipeline import sd_from_config
 
         return sd_from_config(cfg, rng, sharding_fn=sharding_fn)
-    raise ConfigError(f"config.model.name={cfg.name!r} is not one of: tiny_unet, sd")
+    if cfg.name == "flux":
+        from bpgo_jax.models.flux.pipeline import flux_from_config
+
+        return flux_from_config(cfg, rng, sharding_fn=sharding_fn)
+    if cfg.name == "sd3":
+        from bpgo_jax.models.sd3.pipeline import sd3_from_config
+
+        return sd3_from_config(cfg, rng, sharding_fn=sharding_fn)
+    raise ConfigError(f"config.model.name={cfg.name!r} is not one of: tiny_unet, sd, flux, sd3")
 
 
 def save_params(path: str | Path, trainable: Params, frozen: Params) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 
 from bpgo_jax.errors import WeightsError
 from bpgo_jax.models import weights
+from bpgo_jax.models.attention import attention
 from bpgo_jax.models.layers import activation
 
 Dtype = Any
@@ -145,15 +146,20 @@ class T5LayerNorm(nn.Module):
         return scale.astype(jnp.float32) * x
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, mask) -> jax.Array:
-    """Unscaled softmax attention with an additive bias, `[B, L, H, D]` in and out.
+def _attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array,
+    mask: jax.Array | None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """Unscaled softmax attention with T5's additive position bias, `[B, L, H, D]` in and out.
 
-    XLA's kernel (logits and softmax in float32): `models.attention` has no
-    bias argument, and T5 cannot run without its position bias.
+    Through `models.attention` (`implementation` is its choice): cuDNN takes
+    the bias on GPU; the splash kernel cannot, so on TPU these calls run on XLA.
     """
-    return jax.nn.dot_product_attention(
-        q, k, v, bias=bias, mask=mask, scale=1.0, implementation="xla"
-    )
+    return attention(q, k, v, bias=bias, mask=mask, scale=1.0, implementation=implementation)
 
 
 class T5Attention(nn.Module):
@@ -162,6 +168,7 @@ class T5Attention(nn.Module):
     cfg: T5Config
     has_relative_attention_bias: bool
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -176,7 +183,7 @@ class T5Attention(nn.Module):
             position_bias = self.compute_bias(n)
         elif position_bias is None:
             raise ValueError("a T5 block without a bias table needs block 0's position_bias")
-        out = _attention(q, k, v, position_bias, mask)  # float32 bias on float32 logits
+        out = _attention(q, k, v, position_bias, mask, self.attention)
         return dense(cfg.d_model, "o")(out.reshape(b, n, inner)), position_bias
 
     def compute_bias(self, length: int) -> jax.Array:
@@ -201,12 +208,17 @@ class T5SelfAttentionLayer(nn.Module):
     cfg: T5Config
     has_relative_attention_bias: bool
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, mask, position_bias):
         h = T5LayerNorm(self.cfg.layer_norm_epsilon, name="layer_norm")(x).astype(self.dtype)
         attn = T5Attention(
-            self.cfg, self.has_relative_attention_bias, self.dtype, name="SelfAttention"
+            self.cfg,
+            self.has_relative_attention_bias,
+            self.dtype,
+            self.attention,
+            name="SelfAttention",
         )
         out, position_bias = attn(h, mask, position_bias)
         return x + out.astype(jnp.float32), position_bias
@@ -245,11 +257,12 @@ class T5Block(nn.Module):
     cfg: T5Config
     has_relative_attention_bias: bool
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, mask, position_bias):
         x, position_bias = T5SelfAttentionLayer(
-            self.cfg, self.has_relative_attention_bias, self.dtype, name="layer_0"
+            self.cfg, self.has_relative_attention_bias, self.dtype, self.attention, name="layer_0"
         )(x, mask, position_bias)
         return T5FeedForwardLayer(self.cfg, self.dtype, name="layer_1")(x), position_bias
 
@@ -257,13 +270,14 @@ class T5Block(nn.Module):
 class T5Stack(nn.Module):
     cfg: T5Config
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         position_bias = None
         for i in range(self.cfg.num_layers):
             own_bias = i == 0 or self.cfg.bias_every_layer
-            block = T5Block(self.cfg, own_bias, self.dtype, name=f"block_{i}")
+            block = T5Block(self.cfg, own_bias, self.dtype, self.attention, name=f"block_{i}")
             x, position_bias = block(x, mask, position_bias)
         return T5LayerNorm(self.cfg.layer_norm_epsilon, name="final_layer_norm")(x)
 
@@ -274,10 +288,12 @@ class T5EncoderModel(nn.Module):
     `input_ids [B, L]` int, optional `attention_mask [B, L]` (1 = token,
     0 = padding: padded keys are not attended to; padded positions still get
     outputs, as in transformers) -> `last_hidden_state [B, L, d_model]` float32.
+    `attention` is the kernel (`models.attention`).
     """
 
     cfg: T5Config
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -285,8 +301,8 @@ class T5EncoderModel(nn.Module):
         x = embed(input_ids).astype(jnp.float32)
         mask = None
         if attention_mask is not None:
-            mask = (jnp.asarray(attention_mask) > 0)[:, None, None, :]  # [B, 1, 1, L] keys
-        return T5Stack(self.cfg, self.dtype, name="encoder")(x, mask)
+            mask = jnp.asarray(attention_mask) > 0  # [B, L]: the keys to attend to
+        return T5Stack(self.cfg, self.dtype, self.attention, name="encoder")(x, mask)
 
 
 def example_inputs() -> tuple[jax.Array]:
@@ -318,18 +334,20 @@ def load_t5(
     dtype: Any = jnp.float32,
     sharding_fn: weights.ShardingFn | None = None,
     variant: str | None = None,
+    attention: str = "auto",
 ) -> tuple[T5EncoderModel, dict]:
     """A transformers T5 / UMT5 folder (config.json + safetensors) -> `(module, params)`.
 
     Tensors are cast to `dtype` and placed one by one on `sharding_fn(path,
     shape)` (paths as in the returned tree: `("encoder", "block_0", ...)`).
+    `attention` is the module's kernel (`models.attention`).
     """
     raw = weights.read_json(os.path.join(folder, "config.json"))
     try:
         cfg = t5_config_from_dict(raw)
     except ValueError as err:
         raise WeightsError(f"{folder}/config.json: {err}") from None
-    module = T5EncoderModel(cfg, dtype=dtype)
+    module = T5EncoderModel(cfg, dtype=dtype, attention=attention)
     expected = weights.expected_shapes(module, *example_inputs())
     with weights.open_tensors(folder, variant) as reader:
         params = weights.read_params(

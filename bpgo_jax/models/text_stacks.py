@@ -285,9 +285,9 @@ def load_text_stack(
     it is read (`path` starts with the encoder name: `("t5", "encoder",
     ...)`), so a T5-XXL is never held twice. SD3 requires the projected CLIP
     towers (`CLIPTextModelWithProjection`); FLUX reads CLIP-L without its
-    projection, as its pipeline uses `pooler_output`. `attention` is the CLIP
-    towers' kernel (`models.attention`); T5 runs XLA attention (its additive
-    position bias is not an argument of `models.attention`).
+    projection, as its pipeline uses `pooler_output`. `attention` is the
+    encoders' kernel (`models.attention`; T5's position bias runs on cuDNN
+    and XLA, not on the splash kernel).
     """
     kind = resolve_kind(kind)
     length = resolve_max_sequence_length(kind, max_sequence_length)
@@ -311,7 +311,9 @@ def load_text_stack(
             )
             tok_len = module.cfg.max_position_embeddings
         else:
-            module, p = load_t5(enc_path, dtype=dtype, sharding_fn=sub, variant=variant)
+            module, p = load_t5(
+                enc_path, dtype=dtype, sharding_fn=sub, variant=variant, attention=attention
+            )
             tok_len = length
             raw = weights.read_json(os.path.join(enc_path, "config.json"))
             pad_id = int(raw.get("pad_token_id") or 0)
