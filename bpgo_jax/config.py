@@ -28,13 +28,14 @@ from bpgo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIO
 from bpgo_jax.models.scan import REMAT_POLICIES
 from bpgo_jax.parallel.mesh import BATCH_AXES
 from bpgo_jax.prompts import PromptSet, load_prompts
+from bpgo_jax.rollout import schedules
 
 __all__ = ["ConfigError", "batch_layout", "check_inputs", "validate"]
 
 ADVANTAGE_METHODS = ("bpgo", "grpo", "ddpo_tracker")
 PRIOR_KINDS = ("fixed", "moving_average", "reference")
-FLOW_NOISE = ("flow_grpo", "dance", "ode")
-MODEL_NAMES = ("tiny_unet", "sd")
+FLOW_NOISE = schedules.FLOW_NOISE
+MODEL_NAMES = ("tiny_unet", "sd", "flux", "sd3")
 PREDICTION_TYPES = ("flow", "epsilon", "v_prediction", "sample")
 
 # Integer fields shared by every run config (configs/common.py) and their minimum.
@@ -106,6 +107,7 @@ _CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("prompts.on_too_long", ("warn", "error")),
     ("sample.kind", ("ddim", "flow")),
     ("sample.noise", FLOW_NOISE),
+    ("sample.sigmas", schedules.FLOW_SIGMAS),
     ("model.attention", ATTENTION_IMPLEMENTATIONS),
     ("model.remat", REMAT_POLICIES),
     ("advantage.method", ADVANTAGE_METHODS),
@@ -228,11 +230,19 @@ def batch_layout(config: ml_collections.ConfigDict, num_devices: int, num_hosts:
         f"{mb}: the rollout evaluates the network in micro-batch-sized chunks",
     )
     steps = config.sample.num_steps
-    window = tuple(config.train.get("timestep_window", ()) or (0, steps))
+    stochastic = _sde_steps(config.sample)
+    window = tuple(config.train.get("timestep_window", ()) or stochastic)
     _check(
         _is_window(window, steps),
         f"train.timestep_window={window} must be (start, stop) with "
         f"0 <= start < stop <= sample.num_steps={steps}",
+    )
+    sde, cps = tuple(config.sample.get("sde_window", ())), config.sample.get("noise") == "cps"
+    _check(
+        stochastic[0] <= window[0] and window[1] <= stochastic[1],
+        f"train.timestep_window={window} must lie inside the stochastic steps {stochastic} "
+        f"of sample.sde_window={sde}{' (the last CPS step has no noise)' if cps else ''}: "
+        "the other steps are deterministic, with no log-probability to train",
     )
     trained = max(1, int(round(config.train.timestep_fraction * (window[1] - window[0]))))
     warmup = config.train.get("warmup_updates", 0)
@@ -340,6 +350,8 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     _check_kernels(model)
     if model.name == "tiny_unet":
         _check_tiny(config)
+    elif model.name in _DIT_PRESETS:
+        _check_dit(config)
     else:
         _check(
             config.sample.kind == "ddim",
@@ -358,6 +370,58 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
                 preset in PRESETS,
                 f"model.preset={preset!r} is not one of {tuple(PRESETS)} (model.init='random')",
             )
+
+
+# The flow DiTs: model.name -> the module of its random-init presets.
+_DIT_PRESETS = {"flux": "bpgo_jax.models.flux.presets", "sd3": "bpgo_jax.models.sd3.presets"}
+
+
+def _check_dit(config: ml_collections.ConfigDict) -> None:
+    """FLUX / SD3: the flow sampler, a 16-pixel image grid, and the text fields they read."""
+    model, name = config.model, config.model.name
+    _check(
+        config.sample.kind == "flow",
+        f"sample.kind={config.sample.kind!r}: model.name={name!r} needs the 'flow' sampler",
+    )
+    resolution = model.get("resolution", None)
+    sides = tuple(resolution) if isinstance(resolution, tuple | list) else (resolution,)
+    shapes = "an integer or (height, width)" if name == "flux" else "an integer"
+    _check(
+        resolution is None
+        or (
+            len(sides) in ((1, 2) if name == "flux" else (1,))
+            and all(_is_int(v) and v >= 16 and v % 16 == 0 for v in sides)
+        ),
+        f"model.resolution={resolution!r} must be None (the model's own) or {shapes} "
+        "of multiples of 16 (8x VAE, 2x2 patches)",
+    )
+    init = model.get("init", "random")
+    if init == "random":
+        presets = importlib.import_module(_DIT_PRESETS[name]).PRESETS
+        preset = model.get("preset", "tiny")
+        _check(
+            preset in presets,
+            f"model.preset={preset!r} is not one of {tuple(presets)} (model.init='random')",
+        )
+    length = model.get("max_sequence_length", 0)
+    _check(
+        _is_int(length) and length >= 0,
+        f"model.max_sequence_length={length!r} must be an integer >= 0 (0: the pipeline's)",
+    )
+    text_cache = model.get("text_cache", "")
+    _check(isinstance(text_cache, str), f"model.text_cache={text_cache!r} must be a path or ''")
+    _check(
+        not text_cache or init != "random",
+        f"model.text_cache={text_cache!r} needs model.init to be the diffusers folder it was "
+        "written for, not 'random'",
+    )
+    if name == "flux":
+        guidance = model.get("guidance", 3.5)
+        _check(
+            _is_real(guidance) and guidance > 0,
+            f"model.guidance={guidance!r} must be a finite number > 0 (FLUX.1-dev's embedded "
+            "guidance)",
+        )
 
 
 def _check_kernels(model: ml_collections.ConfigDict) -> None:
@@ -431,6 +495,22 @@ def _check_tiny(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def _sde_steps(sample: ml_collections.ConfigDict) -> tuple[int, int]:
+    """[start, stop) of the sampler steps that draw noise, from a checked `sample.sde_window`."""
+    steps, sde = sample.num_steps, sample.get("sde_window", ())
+    _check(
+        isinstance(sde, tuple | list)
+        and all(_is_int(v) for v in sde)
+        and (len(sde) == 0 or _is_window(tuple(sde), steps)),
+        f"sample.sde_window={sde!r} must be () (every step) or (start, stop) with "
+        f"0 <= start < stop <= sample.num_steps={steps}",
+    )
+    if sample.kind != "flow":
+        _check(not sde, f"sample.sde_window={tuple(sde)} is for the flow sampler only")
+        return 0, steps
+    return schedules.sde_steps(steps, sample.noise, tuple(sde))
+
+
 def _check_sample(config: ml_collections.ConfigDict) -> None:
     sample = config.sample
     if sample.kind == "ddim":
@@ -446,13 +526,40 @@ def _check_sample(config: ml_collections.ConfigDict) -> None:
             f"sample.noise_level={sample.noise_level} must be > 0: a "
             "deterministic sampler has no log-probability to train",
         )
+    eval_noise = config.eval.get("noise", "")
+    _check(
+        sample.noise_level <= 1 or "cps" not in (sample.noise, eval_noise),
+        f"sample.noise_level={sample.noise_level} must be in (0, 1] for CPS "
+        "(std = sigma_next * sin(noise_level * pi / 2))",
+    )
+    start, stop = _sde_steps(sample)
+    _check(
+        start < stop,
+        f"sample.sde_window={tuple(sample.get('sde_window', ()))} holds no stochastic step "
+        f"(sample.noise={sample.noise!r}, sample.num_steps={sample.num_steps}; CPS's last "
+        "step is deterministic): nothing to train",
+    )
+    dynamic = sample.get("dynamic_shift", False)
+    _check(
+        isinstance(dynamic, bool),
+        f"sample.dynamic_shift={dynamic!r} must be True or False",
+    )
+    _check(
+        not dynamic or sample.kind == "flow",
+        f"sample.dynamic_shift=True is FLUX's shift of the flow schedule; sample.kind="
+        f"{sample.kind!r} has none",
+    )
+    _check(
+        not dynamic or config.model.name not in ("tiny_unet", "sd"),
+        f"sample.dynamic_shift=True needs a model that gives its image sequence length "
+        f"(FLUX); model.name={config.model.name!r} does not",
+    )
     kl_form = config.train.get("kl_form", "gaussian")
     _check(
         kl_form == "gaussian" or sample.kind == "flow",
         f"train.kl_form={kl_form!r} is Flow-GRPO's form for the flow SDE; "
         f"sample.kind={sample.kind!r} has only 'gaussian'",
     )
-    eval_noise = config.eval.get("noise", "")
     _check(
         eval_noise in ("", *FLOW_NOISE) and not (eval_noise and sample.kind != "flow"),
         f"eval.noise={eval_noise!r} must be '' or, for a flow sampler, one of {FLOW_NOISE}",
@@ -591,13 +698,18 @@ def _prompt_files(config: ml_collections.ConfigDict) -> dict[str, str]:
 def _check_model_init(config: ml_collections.ConfigDict) -> None:
     init, name = config.model.get("init", "random"), config.model.name
     _check(isinstance(init, str) and bool(init), _EMPTY_INIT)
+    text_cache = config.model.get("text_cache", "") if name in _DIT_PRESETS else ""
+    _check(
+        not text_cache or Path(text_cache).is_file(),
+        f"model.text_cache={text_cache!r} is not a file (write it with launch/embed_prompts.py)",
+    )
     if init == "random":
         return
     path = Path(init)
-    if name == "sd":
+    if name in ("sd", *_DIT_PRESETS):
         _check(
             path.is_dir(),
-            f"model.init={init!r} is not a directory: SD weights are a diffusers folder "
+            f"model.init={init!r} is not a directory: {name} weights are a diffusers folder "
             "(or 'random')",
         )
         _check(

@@ -41,6 +41,14 @@ def base_config() -> ml_collections.ConfigDict:
         attention="auto",
         # Rematerialisation of scanned DiT blocks: none | full | dots | names.
         remat="none",
+        # Flow DiTs: T5 tokens per prompt (0: the pipeline's), a
+        # launch/embed_prompts.py file read instead of the text encoders (""
+        # runs them), and FLUX.1-dev's embedded guidance (not CFG).
+        max_sequence_length=0,
+        text_cache="",
+        guidance=3.5,
+        # SD3: CLIP layers skipped from the end (unset: the penultimate layer's states).
+        clip_skip=ml_collections.config_dict.placeholder(int),
     )
     # on_too_long: prompts with more tokens than model.max_length are cut;
     # "warn" says how many once, "error" refuses them.
@@ -52,9 +60,19 @@ def base_config() -> ml_collections.ConfigDict:
         guidance_scale=1.0,
         negative_prompt="",
         eta=1.0,  # DDIM
+        # Flow sampler: noise flow_grpo | dance | cps | ode, its level, and the
+        # noise levels: "shifted_linear" (linspace(1, 0), then SD3's time shift;
+        # FluxPipeline's) or "diffusers" (the scheduler's own, SD3's pipeline);
+        # dynamic_shift: FLUX's resolution-dependent shift in place of `shift`.
         noise="flow_grpo",
         noise_level=0.7,
-        shift=1.0,  # flow SDE
+        shift=1.0,
+        sigmas="shifted_linear",
+        dynamic_shift=False,
+        # Steps (start, stop) that draw noise; () = every step. The others are
+        # deterministic Euler (ODE) steps, which training may not draw
+        # (Flow-GRPO-Fast, MixGRPO).
+        sde_window=(),
         # The G samples of a group start from one initial noise (DanceGRPO's
         # shared initial noise): rewards then differ by the step noise only.
         shared_initial_noise=False,

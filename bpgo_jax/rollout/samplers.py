@@ -7,6 +7,16 @@ Gaussian's mean and std for step k; `sample` runs the whole trajectory in one
 network only through `guided_prediction`, evaluated in chunks of a fixed
 per-device size, and the update compares its recomputed output with the
 stored one (`log_ratio`), so on-policy ratios are exactly 1.
+
+Log-prob convention (every sampler, CPS included): the exact Gaussian
+log-density of the step, averaged over the non-batch dimensions (DDPO's
+convention, `gaussian_logprob`). Flow-GRPO's CPS code keeps only
+`-(x' - mean)^2`: it drops the additive `-log std - log sqrt(2 pi)`, which
+cancels in any ratio of two policies' densities of one step, and also the
+factor 1 / (2 std^2), which does not: its log-ratio is 2 std^2 times the exact
+one (a per-step rescaling of what the PPO clip range bounds). Both are 0
+on-policy. Steps with std 0 (ODE steps outside `sample.sde_window`, CPS's
+last step) have no density; config validation keeps them out of training.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpgo_jax.errors import ConfigError
 from bpgo_jax.models.interface import DiffusionModel
 from bpgo_jax.parallel.batching import map_in_chunks
 from bpgo_jax.rollout import schedules
@@ -50,7 +61,11 @@ class Sampler:
 
 
 def make_sampler(cfg, model: DiffusionModel) -> Sampler:
-    """Builds the sampler of `config.sample` for `model`."""
+    """Builds the sampler of `config.sample` for `model`.
+
+    A sample block without the flow fields `sigmas`, `dynamic_shift` or
+    `sde_window` (configs/pretrain.py pins one) gets their defaults.
+    """
     if cfg.kind == "ddim":
         if model.prediction_type == "flow":
             raise ValueError("sample.kind='ddim' needs an epsilon/v/sample model, this one is flow")
@@ -62,11 +77,36 @@ def make_sampler(cfg, model: DiffusionModel) -> Sampler:
             raise ValueError(
                 f"sample.kind='flow' needs a flow model, this one predicts {model.prediction_type}"
             )
-        tables = schedules.flow_tables(cfg.num_steps, cfg.shift, cfg.noise, cfg.noise_level)
+        dynamic = bool(getattr(cfg, "dynamic_shift", False))
+        tables = schedules.flow_tables(
+            cfg.num_steps,
+            flow_shift(model) if dynamic else cfg.shift,
+            cfg.noise,
+            cfg.noise_level,
+            sigmas=getattr(cfg, "sigmas", "shifted_linear"),
+            dynamic=dynamic,
+            sde_window=tuple(getattr(cfg, "sde_window", ()) or ()),
+        )
         clip = None
     else:
         raise ValueError(f"sample.kind={cfg.kind!r} is not 'ddim' or 'flow'")
     return Sampler(cfg.kind, model.prediction_type, cfg.num_steps, cfg.guidance_scale, tables, clip)
+
+
+def flow_shift(model: DiffusionModel) -> float:
+    """FLUX's resolution-dependent shift (`sample.dynamic_shift`) for `model`.
+
+    From the model's image sequence length (`model.image_seq_len`) and the
+    end points of its diffusers `scheduler_config`.
+    """
+    seq_len = getattr(model, "image_seq_len", None)
+    if not seq_len:
+        raise ConfigError(
+            f"sample.dynamic_shift=True needs the model's image sequence length, and "
+            f"model {getattr(model, 'name', '?')!r} gives none (a FLUX model does); "
+            "set sample.dynamic_shift=False and a static sample.shift"
+        )
+    return schedules.dynamic_shift(seq_len, getattr(model, "scheduler_config", None))
 
 
 def guided_prediction(model, guidance_scale, trainable, frozen, x, t, cond, uncond):
