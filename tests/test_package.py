@@ -173,7 +173,7 @@ def test_installed_bpgo_train_runs_one_epoch_of_the_shipped_config(venv):
     records = [json.loads(line) for line in lines]
     trained = [r for r in records if "reward_mean" in r]
     assert len(trained) == 1 and trained[0]["epoch"] == 0
-    # The shipped val and heldout prompt files were scored by the oracle.
+    # The shipped test prompt files were scored by the oracle.
     assert {"oracle_accuracy", "oracle_accuracy_heldout"} <= records[-1].keys()
 
 
@@ -182,7 +182,7 @@ def test_installed_world_commands_parse_flags_and_reproduce_the_prompt_files(ven
     outside = venv.parent / "outside"
     out = outside / "prompts"
     _ok([venv / "bin" / "bpgo-make-world-prompts", f"--out_dir={out}"], outside)
-    for split in ("train", "val", "heldout"):
+    for split in ("train", "val", "heldout", "test_val", "test_heldout"):
         name = f"prompts_{split}.jsonl"
         assert (out / name).read_bytes() == (ROOT / "bpgo_jax/world/assets" / name).read_bytes()
     usage = _ok([venv / "bin" / "python", "-m", "bpgo_jax.world.evaluate", "--help"], outside)
