@@ -28,12 +28,12 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import flux_folders  # noqa: E402
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 
 from bpgo_jax.errors import ConfigError, InputFileError, WeightsError  # noqa: E402
 from bpgo_jax.models import build_model, text_cache, weights  # noqa: E402
 from bpgo_jax.models.flux import (  # noqa: E402
     FLUX_ATTENTION_TARGETS,
-    calculate_shift,
     flux_model,
     flux_rope,
     flux_shift,

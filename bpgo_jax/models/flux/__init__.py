@@ -7,7 +7,6 @@ shift = flux_shift(model.scheduler_config, model.image_seq_len)
 
 from bpgo_jax.models.flux.config import (
     FluxConfig,
-    calculate_shift,
     flux_config_from_dict,
     flux_shift,
     packed_seq_len,
@@ -39,7 +38,6 @@ __all__ = [
     "FluxModel",
     "FluxModules",
     "FluxTransformer2DModel",
-    "calculate_shift",
     "flux_config_from_dict",
     "flux_from_config",
     "flux_model",

@@ -19,9 +19,10 @@ engine's flow tables (`rollout/schedules.flow_sigmas`, `s' = shift * s /
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from bpgo_jax.rollout import schedules
 
 TRANSFORMER_CLASS = "FluxTransformer2DModel"
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
@@ -153,19 +154,6 @@ def packed_seq_len(latent_shape: Sequence[int]) -> int:
     return (h // PACK) * (w // PACK)
 
 
-def calculate_shift(
-    image_seq_len: int,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-) -> float:
-    """FluxPipeline's `mu`: linear in the image's token count through the two anchor points."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    b = base_shift - m * base_seq_len
-    return image_seq_len * m + b
-
-
 def flux_shift(scheduler_config: Mapping[str, Any] | None, image_seq_len: int) -> float:
     """The time shift of the pipeline's sigmas at `image_seq_len` packed tokens.
 
@@ -175,11 +163,4 @@ def flux_shift(scheduler_config: Mapping[str, Any] | None, image_seq_len: int) -
     cfg = scheduler_config_from_dict(dict(scheduler_config or {}))
     if not cfg["use_dynamic_shifting"]:
         return float(cfg["shift"])
-    mu = calculate_shift(
-        image_seq_len,
-        cfg["base_image_seq_len"],
-        cfg["max_image_seq_len"],
-        cfg["base_shift"],
-        cfg["max_shift"],
-    )
-    return math.exp(mu) if cfg["time_shift_type"] == "exponential" else mu
+    return schedules.dynamic_shift(image_seq_len, cfg)
