@@ -120,20 +120,23 @@ def init_lora(
 
 
 def split_params(
-    unet: Params, frozen: Params, spec: LoraSpec | None, rng: jax.Array
+    base: Params, frozen: Params, spec: LoraSpec | None, rng: jax.Array, *, key: str = "unet"
 ) -> tuple[Params, Params]:
-    """`(trainable, frozen)`: the UNet is trainable, or LoRA factors over a frozen UNet."""
+    """`(trainable, frozen)`: `base` (the denoiser's weights, stored under `key`: "unet" or
+    "transformer") is trainable, or LoRA factors over it frozen."""
     if spec is None:
-        return {"unet": unet}, dict(frozen)
-    factors = init_lora(unet, rank=spec.rank, alpha=spec.alpha, targets=spec.targets, rng=rng)
-    return {"lora": factors}, {**frozen, "unet": unet}
+        return {key: base}, dict(frozen)
+    factors = init_lora(base, rank=spec.rank, alpha=spec.alpha, targets=spec.targets, rng=rng)
+    return {"lora": factors}, {**frozen, key: base}
 
 
-def unet_params(trainable: Params, frozen: Params, spec: LoraSpec | None) -> Params:
-    """The UNet weights to run: `trainable["unet"]`, or the LoRA-merged frozen UNet."""
+def unet_params(
+    trainable: Params, frozen: Params, spec: LoraSpec | None, *, key: str = "unet"
+) -> Params:
+    """The denoiser weights to run: `trainable[key]`, or the LoRA-merged `frozen[key]`."""
     if spec is None:
-        return trainable["unet"]
-    merged = merge(frozen["unet"], trainable["lora"], alpha=spec.alpha, rank=spec.rank)
+        return trainable[key]
+    merged = merge(frozen[key], trainable["lora"], alpha=spec.alpha, rank=spec.rank)
     # Materialise the merged kernels: left fusible, XLA folds the merge into
     # the consuming convs/matmuls differently in the rollout (forward only)
     # and in the update (forward + backward), and the on-policy ratio drifts

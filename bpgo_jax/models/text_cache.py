@@ -307,6 +307,42 @@ class TextCache:
         return np.stack([self._reader.get(f"{key}/{field}") for key in self._row])
 
 
+class CacheTokenizer:
+    """Prompts -> their rows in a text cache's tables, `int32 [B, 1]` (the engine's tokens).
+
+    `count(prompt)` is 1 (one row) for a cached prompt and fails for one the
+    cache lacks, so the run's start-up prompt check (`prompts.check_prompt_lengths`)
+    finds every missing prompt before anything is sampled.
+    """
+
+    def __init__(self, cache: TextCache):
+        self._cache = cache
+        self.max_length = 1
+
+    def count(self, prompt: str) -> int:
+        self._cache.rows([prompt])
+        return 1
+
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        return self._cache.rows(list(prompts))[:, None].astype(np.int32)
+
+
+def cache_tables(cache: TextCache, sharding_fn: weights.ShardingFn | None = None) -> dict:
+    """The cache's tables `{field: [P, ...]}` in their stored dtype, each placed on
+    `sharding_fn(("text_cache", field), shape)`; a model gathers rows inside jit."""
+    tables = {}
+    for f in sorted(cache.fields):
+        table = cache.table(f)
+        tables[f] = weights.place(table, ("text_cache", f), table.dtype, sharding_fn)
+    return tables
+
+
+def gather(tables: Mapping[str, Any], tokens: Any) -> dict[str, Any]:
+    """`CacheTokenizer` tokens `[B, 1]` -> `{field: [B, ...]}` float32 rows of `cache_tables`."""
+    rows = tokens[:, 0]
+    return {f: jnp.take(table, rows, axis=0).astype(jnp.float32) for f, table in tables.items()}
+
+
 def text_cache_from_config(model_cfg: Any, path: str | None = None) -> TextCache:
     """The cache `config.model.text_cache` (or `path`), refused unless it was written for
     this config's text stack (see `identity_from_config`)."""

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from bpgo_jax.errors import ConfigError, UserError, WeightsError
 from bpgo_jax.models import lora as lora_lib
@@ -100,26 +98,6 @@ class FluxModules:
     scheduler: dict  # the scheduler_config.json, defaults filled in
 
 
-class CacheTokenizer:
-    """Prompts -> their rows in a text cache's tables, `int32 [B, 1]` (the engine's tokens).
-
-    `count(prompt)` is 1 (one row) for a cached prompt and fails for one the
-    cache lacks, so the run's start-up prompt check (`prompts.check_prompt_lengths`)
-    finds every missing prompt before anything is sampled.
-    """
-
-    def __init__(self, cache: text_cache_lib.TextCache):
-        self._cache = cache
-        self.max_length = 1
-
-    def count(self, prompt: str) -> int:
-        self._cache.rows([prompt])
-        return 1
-
-    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
-        return self._cache.rows(list(prompts))[:, None].astype(np.int32)
-
-
 def _size(resolution: Any) -> tuple[int, int]:
     """`resolution` (a side, or (height, width); None: the pipeline's 1024) in pixels."""
     if resolution is None:
@@ -181,14 +159,10 @@ def model_from_modules(
     def encode_text(frozen: Params, tokens: jax.Array) -> dict[str, jax.Array]:
         if m.text is not None:
             return m.text.encode(frozen["text"], tokens)
-        rows = tokens[:, 0]
-        return {
-            f: jnp.take(table, rows, axis=0).astype(jnp.float32)
-            for f, table in frozen["text_cache"].items()
-        }
+        return text_cache_lib.gather(frozen["text_cache"], tokens)
 
     def predict(trainable, frozen, x, timestep, cond):
-        params = transformer_params(trainable, frozen, lora)
+        params = lora_lib.unet_params(trainable, frozen, lora, key="transformer")
         b, h, w, _ = x.shape
         text = cond["prompt_embeds"]
         rope = flux_rope(t, text.shape[1], h // PACK, w // PACK)
@@ -239,25 +213,8 @@ def model_from_modules(
 def split_params(
     transformer: Params, frozen: Params, spec: LoraSpec | None, rng: jax.Array
 ) -> tuple[Params, Params]:
-    """`(trainable, frozen)`: the transformer is trainable, or LoRA factors over a frozen one."""
-    if spec is None:
-        return {"transformer": transformer}, dict(frozen)
-    factors = lora_lib.init_lora(
-        transformer, rank=spec.rank, alpha=spec.alpha, targets=spec.targets, rng=rng
-    )
-    return {"lora": factors}, {**frozen, "transformer": transformer}
-
-
-def transformer_params(trainable: Params, frozen: Params, spec: LoraSpec | None) -> Params:
-    """The transformer weights to run: `trainable["transformer"]`, or the LoRA-merged base."""
-    if spec is None:
-        return trainable["transformer"]
-    merged = lora_lib.merge(
-        frozen["transformer"], trainable["lora"], alpha=spec.alpha, rank=spec.rank
-    )
-    # Materialised, as `lora.unet_params` does: the rollout and the update then
-    # run the same merged kernels, so on-policy ratios stay exactly 1.
-    return jax.lax.optimization_barrier(merged)
+    """`lora.split_params` under the key "transformer"."""
+    return lora_lib.split_params(transformer, frozen, spec, rng, key="transformer")
 
 
 def param_shapes(m: FluxModules, lora: LoraSpec | None = None) -> tuple[Params, Params]:
@@ -411,16 +368,6 @@ def load_flux(
     return mods, params
 
 
-def _cache_tables(cache: text_cache_lib.TextCache, sharding_fn) -> dict:
-    """The cache's tables in their stored dtype, each placed on
-    `sharding_fn(("text_cache", field), shape)`."""
-    out = {}
-    for f in sorted(cache.fields):
-        table = cache.table(f)
-        out[f] = weights.place(table, ("text_cache", f), table.dtype, sharding_fn)
-    return out
-
-
 def flux_model(
     source: str | dict,
     *,
@@ -468,9 +415,9 @@ def flux_model(
     if text_cache:
         expect = text_cache_lib.stack_identity("flux", source, max_sequence_length)
         with text_cache_lib.TextCache(text_cache, expect=expect) as cache:
-            tables = _cache_tables(cache, sharding_fn)
+            tables = text_cache_lib.cache_tables(cache, sharding_fn)
             model = model_from_modules(
-                mods, cache_tables=tables, tokenize=CacheTokenizer(cache), **kw
+                mods, cache_tables=tables, tokenize=text_cache_lib.CacheTokenizer(cache), **kw
             )
         frozen["text_cache"] = tables
     else:

@@ -25,6 +25,7 @@ from bpgo_jax.models.clip import CLIPTextModel
 from bpgo_jax.models.clip.config import text_config_from_dict
 from bpgo_jax.models.interface import DiffusionModel
 from bpgo_jax.models.lora import LoraSpec
+from bpgo_jax.models.scan import num_layer_axes
 from bpgo_jax.models.sd import loader
 from bpgo_jax.models.sd.config import unet_config_from_dict, vae_config_from_dict
 from bpgo_jax.models.sd.presets import preset
@@ -144,6 +145,8 @@ def random_params(module: nn.Module, rng: jax.Array, dtype: Any, *inputs: Any) -
     Only shapes are traced (`eval_shape`); drawing with numpy avoids compiling
     flax's init graph, which for a UNet costs far more than the forward pass.
     Kernels ~ N(0, 1/fan_in) (LeCun), biases 0, norm scales 1, embeddings N(0, 0.02^2).
+    A scanned stack's kernel `[layers, ..., in, out]` (`models/scan.py`) is one
+    kernel per layer: its fan-in leaves out the layer axes.
     """
     shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
     data = rng if rng.dtype == jnp.uint32 else jax.random.key_data(rng)
@@ -156,7 +159,8 @@ def random_params(module: nn.Module, rng: jax.Array, dtype: Any, *inputs: Any) -
         elif name == "scale":
             arr = np.ones(shape, np.float32)
         elif name == "kernel":
-            fan_in = int(np.prod(shape[:-1]))
+            keys = tuple(str(getattr(k, "key", k)) for k in path)
+            fan_in = int(np.prod(shape[num_layer_axes(keys) : -1]))
             arr = gen.standard_normal(shape, np.float32) / np.float32(np.sqrt(fan_in))
         else:
             arr = gen.standard_normal(shape, np.float32) * np.float32(0.02)

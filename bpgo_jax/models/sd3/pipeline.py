@@ -73,20 +73,6 @@ class SD3Modules:
     scheduler: dict  # {"num_train_timesteps", "shift"} (`schedule.check_scheduler_config`)
 
 
-class CacheTokenizer:
-    """Prompts -> their rows in a text cache's tables, `int32 [B, 1]` (the engine's tokens).
-
-    A prompt the cache lacks fails naming the cache file and how to fix it.
-    """
-
-    def __init__(self, cache: text_cache_lib.TextCache):
-        self._cache = cache
-        self.max_length = 1
-
-    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
-        return self._cache.rows(list(prompts))[:, None].astype(np.int32)
-
-
 def _check_compatible(m: SD3Modules) -> None:
     t, v = m.transformer.cfg, m.vae.cfg
     if v.latent_channels != t.in_channels or t.in_channels != t.out_channels:
@@ -129,14 +115,10 @@ def model_from_modules(
     def encode_text(frozen: Params, tokens: jax.Array) -> dict[str, jax.Array]:
         if m.text is not None:
             return m.text.encode(frozen["text"], tokens)
-        rows = tokens[:, 0]
-        return {
-            f: jnp.take(table, rows, axis=0).astype(jnp.float32)
-            for f, table in frozen["text_cache"].items()
-        }
+        return text_cache_lib.gather(frozen["text_cache"], tokens)
 
     def predict(trainable, frozen, x, timestep, cond):
-        params = transformer_params(trainable, frozen, lora)
+        params = lora_lib.unet_params(trainable, frozen, lora, key="transformer")
         out = m.transformer.apply(
             {"params": params},
             x,
@@ -161,7 +143,7 @@ def model_from_modules(
             frozen["text"] = m.text.init(k_text, dtype)
         else:
             frozen["text_cache"] = dict(cache_tables)
-        return split_params(net, frozen, lora, k_lora)
+        return lora_lib.split_params(net, frozen, lora, k_lora, key="transformer")
 
     return DiffusionModel(
         name="sd3",
@@ -174,30 +156,6 @@ def model_from_modules(
         init=init,
         scheduler_config=dict(m.scheduler),
     )
-
-
-def split_params(
-    transformer: Params, frozen: Params, spec: LoraSpec | None, rng: jax.Array
-) -> tuple[Params, Params]:
-    """`(trainable, frozen)`: the transformer is trainable, or LoRA factors over a frozen one."""
-    if spec is None:
-        return {"transformer": transformer}, dict(frozen)
-    factors = lora_lib.init_lora(
-        transformer, rank=spec.rank, alpha=spec.alpha, targets=spec.targets, rng=rng
-    )
-    return {"lora": factors}, {**frozen, "transformer": transformer}
-
-
-def transformer_params(trainable: Params, frozen: Params, spec: LoraSpec | None) -> Params:
-    """The transformer weights to run: `trainable["transformer"]`, or the LoRA-merged base."""
-    if spec is None:
-        return trainable["transformer"]
-    merged = lora_lib.merge(
-        frozen["transformer"], trainable["lora"], alpha=spec.alpha, rank=spec.rank
-    )
-    # Materialised, as `lora.unet_params` does: the rollout and the update then
-    # run the same merged kernels, so on-policy ratios stay exactly 1.
-    return jax.lax.optimization_barrier(merged)
 
 
 # ---------------------------------------------------------------- building
@@ -323,16 +281,6 @@ def load_sd3(
     return SD3Modules(transformer, vae, stack, sched), params
 
 
-def _cache_tables(cache: text_cache_lib.TextCache, sharding_fn) -> dict:
-    """The cache's tables in their stored dtype, each placed on `sharding_fn(("text_cache",
-    field), shape)`; `encode_text` casts the gathered rows to float32."""
-    tables = {}
-    for f in sorted(cache.fields):
-        table = cache.table(f)
-        tables[f] = weights.place(table, ("text_cache", f), table.dtype, sharding_fn)
-    return tables
-
-
 def sd3_model(
     source: str | dict,
     *,
@@ -380,19 +328,21 @@ def sd3_model(
     if text_cache:
         expect = text_cache_lib.stack_identity("sd3", source, max_sequence_length, clip_skip)
         with text_cache_lib.TextCache(text_cache, expect=expect) as cache:
-            tables = _cache_tables(cache, sharding_fn)
+            tables = text_cache_lib.cache_tables(cache, sharding_fn)
             model = model_from_modules(
                 mods,
                 resolution=resolution,
                 lora=lora,
                 cache_tables=tables,
-                tokenize=CacheTokenizer(cache),
+                tokenize=text_cache_lib.CacheTokenizer(cache),
             )
         frozen["text_cache"] = tables
     else:
         model = model_from_modules(mods, resolution=resolution, lora=lora)
         frozen["text"] = params["text"]
-    trainable, frozen = split_params(params["transformer"], frozen, lora, rng)
+    trainable, frozen = lora_lib.split_params(
+        params["transformer"], frozen, lora, rng, key="transformer"
+    )
     return model, trainable, frozen
 
 
