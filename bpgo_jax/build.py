@@ -18,12 +18,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bpgo_jax import advantages as adv_lib
 from bpgo_jax import priors as prior_lib
+from bpgo_jax import runtime
 from bpgo_jax.advantages.step import jit_advantages_step
 from bpgo_jax.checkpoint import Checkpointer
 from bpgo_jax.config import check_inputs, validate
@@ -33,7 +35,7 @@ from bpgo_jax.parallel import mesh as mesh_lib
 from bpgo_jax.prompts import PromptSet, check_prompt_lengths
 from bpgo_jax.rewards import RewardSet, build_reward_set
 from bpgo_jax.rollout import samplers
-from bpgo_jax.rollout.step import Rollout, generate, jit_rollout_step
+from bpgo_jax.rollout.step import Rollout, from_host, generate, jit_rollout_step
 from bpgo_jax.update.step import TrainState, UpdateStep, jit_shuffle, make_optimizer, step_options
 
 log = logging.getLogger("bpgo_jax")
@@ -102,7 +104,7 @@ class Run:
         key = jax.random.fold_in(
             jax.random.fold_in(jax.random.key(self.config.seed), epoch), stream
         )
-        return jax.device_put(jax.random.key_data(key), self.replicated)
+        return from_host(jax.random.key_data(key), self.replicated)
 
 
 @dataclasses.dataclass
@@ -119,12 +121,12 @@ class Training:
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """Joins the multi-process job `config.distributed` describes, when it asks to
+    (the launchers' `--distributed` flags do the same and take precedence)."""
     dist = config.distributed
     if dist.initialize:
-        jax.distributed.initialize(
-            coordinator_address=dist.coordinator_address or None,
-            num_processes=dist.num_processes or None,
-            process_id=dist.process_id if dist.process_id >= 0 else None,
+        runtime.initialize_distributed(
+            dist.coordinator_address, dist.num_processes, dist.process_id
         )
 
 
@@ -159,6 +161,11 @@ def check_run(config: ml_collections.ConfigDict) -> Checked:
     """Every check that needs no model, so a bad field or file fails in a second,
     before anything is loaded, compiled or written."""
     initialize_distributed(config)
+    if jax.process_count() > 1 and config.mesh.num_devices not in (0, jax.device_count()):
+        raise ConfigError(
+            f"mesh.num_devices={config.mesh.num_devices}: a run of {jax.process_count()} "
+            "processes uses every device (0), each process its own"
+        )
     devices = jax.devices()[: config.mesh.num_devices or None]
     layout = validate(config, len(devices), jax.process_count())
     prompt_sets = check_inputs(config)
@@ -211,8 +218,8 @@ def build_run(
                 config.prompts.on_too_long,
                 field,
             )
-    trainable = jax.device_put(trainable, mesh_lib.tree_shardings(trainable, mesh, rules))
-    frozen = jax.device_put(frozen, mesh_lib.tree_shardings(frozen, mesh, rules))
+    trainable = from_host(trainable, mesh_lib.tree_shardings(trainable, mesh, rules))
+    frozen = from_host(frozen, mesh_lib.tree_shardings(frozen, mesh, rules))
 
     batch_sharding = mesh_lib.batch_sharding(mesh)
     replicated = mesh_lib.replicated(mesh)
@@ -230,7 +237,7 @@ def build_run(
         batch_sharding=batch_sharding,
     )
     shared = config.sample.group_size if config.sample.get("shared_initial_noise", False) else 1
-    uncond_tokens = jax.device_put(model.tokenize([config.sample.negative_prompt]), replicated)
+    uncond_tokens = from_host(model.tokenize([config.sample.negative_prompt]), replicated)
     run = Run(
         config=config,
         layout=layout,
@@ -242,13 +249,11 @@ def build_run(
         sampler=sampler,
         eval_sampler=eval_sampler,
         rewards=rewards,
-        reward_params=jax.device_put(rewards.params(), replicated),
+        reward_params=from_host(rewards.params(), replicated),
         prompts=prompts,
         eval_sets=eval_sets,
         eval_rewards=eval_rewards,
-        eval_reward_params=(
-            jax.device_put(eval_rewards.params(), replicated) if eval_rewards else None
-        ),
+        eval_reward_params=(from_host(eval_rewards.params(), replicated) if eval_rewards else None),
         frozen=frozen,
         uncond_tokens=uncond_tokens,
         uncond=jax.jit(model.encode_text)(frozen, uncond_tokens),
@@ -271,6 +276,25 @@ def _initial_prior(run: Run) -> prior_lib.PriorState:
     )
 
 
+def init_opt_state(optimizer, trainable: Params, replicated: NamedSharding) -> Any:
+    """The optimiser's initial state, each parameter-shaped leaf (Adam's moments)
+    on its parameter's sharding and the rest (step counts) replicated.
+
+    Plain `jit(optimizer.init)` leaves the moments, which depend on no input
+    value, on one device; fsdp would then shard the parameters but keep
+    two parameter-sized buffers whole on every device.
+    """
+    shapes = jax.eval_shape(optimizer.init, trainable)
+    shardings = optax.tree_map_params(
+        optimizer,
+        lambda _, param: param.sharding,
+        shapes,
+        trainable,
+        transform_non_params=lambda _: replicated,
+    )
+    return jax.jit(optimizer.init, out_shardings=shardings)(trainable)
+
+
 def build_training(run: Run, trainable: Params) -> tuple[Training, TrainState]:
     """Optimiser, compiled advantages / update stages and the initial `TrainState`."""
     config = run.config
@@ -280,19 +304,19 @@ def build_training(run: Run, trainable: Params) -> tuple[Training, TrainState]:
     prior = _initial_prior(run)
     root = jax.random.key(config.seed)
     state = TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), run.replicated),
+        step=from_host(np.zeros((), np.int32), run.replicated),
         trainable=trainable,
-        opt_state=jax.jit(optimizer.init)(trainable),
+        opt_state=init_opt_state(optimizer, trainable, run.replicated),
         ema=copy(trainable) if config.train.ema_decay else {},
-        prior=jax.device_put(prior, run.replicated),
-        rng=jax.device_put(jax.random.key_data(jax.random.fold_in(root, 2)), run.replicated),
+        prior=from_host(prior, run.replicated),
+        rng=from_host(jax.random.key_data(jax.random.fold_in(root, 2)), run.replicated),
     )
     # Pinning the update's output shardings to its input shardings keeps the
     # state's layout fixed across steps (no recompilation after step one).
     state_shardings = jax.tree.map(
         lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else run.replicated, state
     )
-    state = jax.device_put(state, state_shardings)
+    state = from_host(state, state_shardings)
     opts = step_options(
         config,
         run.layout,
@@ -321,7 +345,9 @@ def build_training(run: Run, trainable: Params) -> tuple[Training, TrainState]:
         ),
         ref_trainable=copy(trainable) if needs_ref else None,
         tracker=(
-            adv_lib.PerPromptStatTracker(tracker_cfg.buffer_size, tracker_cfg.min_count)
+            adv_lib.PerPromptStatTracker(
+                tracker_cfg.buffer_size, tracker_cfg.min_count, clip=config.advantage.clip
+            )
             if config.advantage.method == "ddpo_tracker"
             else None
         ),

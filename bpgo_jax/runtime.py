@@ -11,7 +11,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from bpgo_jax import errors
 
@@ -79,6 +79,110 @@ def set_cpu_devices(n: int) -> None:
         r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", "")
     )
     os.environ["XLA_FLAGS"] = f"{flags.strip()} --xla_force_host_platform_device_count={n}".strip()
+
+
+class DistributedFlags(NamedTuple):
+    """The launchers' multi-process flags (`define_distributed_flags`)."""
+
+    distributed: Any  # absl FlagHolder[bool]
+    coordinator: Any  # FlagHolder[str]
+    num_processes: Any  # FlagHolder[int]
+    process_id: Any  # FlagHolder[int]
+
+    def initialize(self) -> None:
+        """`initialize_distributed` with the flags' values, when any flag asks for it."""
+        asked = (
+            self.distributed.value
+            or self.coordinator.value
+            or self.num_processes.value
+            or self.process_id.value >= 0
+        )
+        if asked:
+            initialize_distributed(
+                self.coordinator.value, self.num_processes.value, self.process_id.value
+            )
+
+
+def define_distributed_flags() -> DistributedFlags:
+    """`--distributed`, `--coordinator`, `--num_processes`, `--process_id`: how one
+    process of a multi-process job (a TPU pod's hosts, a GPU cluster's nodes)
+    finds the others."""
+    from absl import flags
+
+    return DistributedFlags(
+        flags.DEFINE_bool(
+            "distributed",
+            False,
+            "Run as one process of a multi-process job (jax.distributed.initialize); on Cloud "
+            "TPU pods, SLURM, Open MPI and GKE the values below are detected. Implied by any "
+            "of them.",
+        ),
+        flags.DEFINE_string(
+            "coordinator",
+            "",
+            "HOST:PORT where process 0 serves the job's coordinator, the same for every "
+            "process ('' = JAX_COORDINATOR_ADDRESS or detected).",
+        ),
+        flags.DEFINE_integer(
+            "num_processes", 0, "Processes in the job (0 = detected).", lower_bound=0
+        ),
+        flags.DEFINE_integer(
+            "process_id",
+            -1,
+            "This process's id in 0 .. num_processes-1 (-1 = detected).",
+            lower_bound=-1,
+        ),
+    )
+
+
+def initialize_distributed(
+    coordinator: str = "", num_processes: int = 0, process_id: int = -1
+) -> None:
+    """Joins a multi-process job (`jax.distributed.initialize`); unset values
+    ('', 0, -1) are detected by JAX (Cloud TPU, SLURM, Open MPI, GKE).
+
+    Call before anything touches a device. A second call is a no-op. CPU
+    hosts exchange collectives through gloo (accelerators are unaffected),
+    so a job of CPU processes, e.g. on one machine, runs the same program.
+    Raises `ConfigError` when the values are missing or do not fit.
+    """
+    import jax
+
+    if jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator or None,
+            num_processes=num_processes or None,
+            process_id=process_id if process_id >= 0 else None,
+        )
+    except ValueError as err:
+        raise errors.ConfigError(
+            f"multi-process set-up: {err} (give --coordinator=HOST:PORT, --num_processes and "
+            "--process_id where the cluster is not detected)"
+        ) from None
+
+
+def any_process(flag: bool) -> bool:
+    """`flag` of any process, the same answer on every process: one decision for a job.
+
+    A collective in a multi-process job: every process must call it at the
+    same point. Free in a single process.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+def all_processes(flag: bool) -> bool:
+    """`flag` of every process (see `any_process`)."""
+    return not any_process(not flag)
 
 
 _SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"

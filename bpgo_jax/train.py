@@ -16,12 +16,11 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
@@ -38,7 +37,8 @@ from bpgo_jax.checkpoint import (
 from bpgo_jax.errors import DivergedError, Preempted
 from bpgo_jax.logs import RunLogger
 from bpgo_jax.prompts import prompt_ids
-from bpgo_jax.rollout.step import Rollout, to_host
+from bpgo_jax.rollout.step import Rollout, from_host, to_host
+from bpgo_jax.runtime import any_process
 from bpgo_jax.update.loss import PolicyBatch
 from bpgo_jax.update.step import TrainState
 
@@ -68,8 +68,10 @@ def train(
 
     The workdir is locked for the run; resuming with a config that differs in
     a field that changes results is refused unless `allow_config_change`.
-    Raises `errors.Preempted` after saving a checkpoint when SIGTERM arrives
-    and `errors.DivergedError` after too many non-finite updates in a row.
+    Raises `errors.Preempted` after saving a checkpoint when SIGTERM reaches
+    any process (all processes of a multi-process run stop after the same
+    epoch and save it together) and `errors.DivergedError` after too many
+    non-finite updates in a row.
     """
     checked = check_run(config)  # bad inputs fail before the workdir is touched
     workdir = prepare_workdir(workdir)
@@ -131,10 +133,12 @@ def _epochs(
                     f"{config.train.max_consecutive_skips}); the last good checkpoint is in "
                     f"{ckpt.directory}"
                 )
-            if progress.epoch % config.checkpoint.every == 0 or last or preempted():
+            # One decision per epoch, the same on every host, for the save and the exit.
+            stop = preempted()
+            if progress.epoch % config.checkpoint.every == 0 or last or stop:
                 ckpt.save(progress.epoch, state, checkpoint_meta(progress, training), force=True)
             watch.check()
-            if preempted():
+            if stop:
                 raise Preempted(f"checkpoint of epoch {progress.epoch} saved in {ckpt.directory}")
     return TrainResult(records, state)
 
@@ -186,7 +190,7 @@ def run_epoch(
                 first["ratio_max_dev"],
                 first["approx_kl"],
             )
-        record.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
+        record.update({k: float(v) for k, v in to_host(adv_metrics).items()})
     else:
         skipped = 1
         record["non_finite_reward_count"] = int(np.sum(~np.isfinite(total_host)))
@@ -237,14 +241,14 @@ def policy_batch(
     """The update's batch of one rollout of prompts `ids`: its advantages (BPGO /
     GRPO's against the current priors, or the DDPO tracker's, which records
     `total`), the priors updated with it, and the advantage metrics."""
-    ids_dev = jax.device_put(ids.astype(np.int32), run.replicated)
+    ids_dev = from_host(ids.astype(np.int32), run.replicated)
     adv, prior, metrics = training.advantages_fn(prior_state, ids_dev, total)
     advantages = adv.advantages
     if training.tracker is not None:
         g = run.config.sample.group_size
         prompts = [run.prompts.prompts[i] for i in ids for _ in range(g)]
         tracked = training.tracker.update(prompts, to_host(total))
-        advantages = jax.device_put(tracked, run.batch_sharding)
+        advantages = from_host(tracked, run.batch_sharding)
     batch = PolicyBatch(
         rollout.latents,
         rollout.outputs,
@@ -265,19 +269,20 @@ def update(
     metrics = []
     for inner in range(cfg.train.inner_epochs):
         perm = np.random.default_rng([cfg.seed, epoch, inner]).permutation(samples)
-        batches = training.shuffle_fn(batch, jax.device_put(perm, run.replicated))
+        batches = training.shuffle_fn(batch, from_host(perm, run.replicated))
         for u in range(run.layout["updates_per_inner_epoch"]):
             mb = jax.tree.map(lambda x, u=u: x[u], batches)
             state, m = training.update(state, mb, run.frozen, training.ref_trainable, run.uncond)
             metrics.append(m)
-    return state, jax.device_get(metrics)
+    return state, to_host(metrics)
 
 
 def reference_priors(
     run: Run, training: Training, state: TrainState, ids: np.ndarray, epoch: int
 ) -> TrainState:
     """Anchors prompts not seen before at the reference (initial) policy's mean reward."""
-    needs = np.asarray(prior_lib.needs_reference(state.prior, jnp.asarray(ids)))
+    ids_dev = from_host(ids.astype(np.int32), run.replicated)
+    needs = to_host(prior_lib.needs_reference(state.prior, ids_dev))
     if not needs.any():
         return state
     g = run.config.sample.group_size
@@ -290,7 +295,7 @@ def reference_priors(
         desc="reference rollout",
     )
     means = run.rewards.total(rollout.scores).reshape(-1, g).mean(axis=1)
-    prior = prior_lib.update(state.prior, jnp.asarray(ids), means, kind="reference")
+    prior = prior_lib.update(state.prior, ids_dev, means, kind="reference")
     return state._replace(prior=jax.device_put(prior, training.state_shardings.prior))
 
 
@@ -368,9 +373,15 @@ class RecompileWatch:
 
 
 @contextlib.contextmanager
-def sigterm_flag() -> Iterator[Any]:
-    """Yields `preempted()`: True once SIGTERM has arrived (the epoch then finishes,
-    a checkpoint is saved and the loop raises `Preempted`)."""
+def sigterm_flag() -> Iterator[Callable[[], bool]]:
+    """Yields `preempted()`: True on every host once SIGTERM has reached any of them
+    (the epoch then finishes, a checkpoint is saved and the loop raises `Preempted`).
+
+    Each host catches its own SIGTERM, and a pod's hosts may get theirs at
+    different moments; `preempted()` is a collective (`runtime.any_process`),
+    so every host must call it at the same point of the loop, and all of them
+    then save together and stop after the same epoch.
+    """
     received = []
 
     def handler(signum, frame):
@@ -380,6 +391,7 @@ def sigterm_flag() -> Iterator[Any]:
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield lambda: bool(received)
+        yield lambda: any_process(bool(received))
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: the previous handler was not set from Python; the default stands in.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

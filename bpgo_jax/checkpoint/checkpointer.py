@@ -13,6 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from bpgo_jax.errors import WorkdirError
+from bpgo_jax.runtime import all_processes, any_process
 
 log = logging.getLogger("bpgo_jax")
 
@@ -162,21 +163,28 @@ class Checkpointer:
         nothing moved). Damaged checkpoints newer than the one restored are
         logged and moved aside as `<step>.damaged`. When none is readable,
         raises `WorkdirError` naming the directory and moves nothing.
+
+        In a multi-process run each process reads its own shards, so a damaged
+        file may fail on one process only: a checkpoint counts as readable when
+        it restored on every process (`runtime.all_processes`), and all of them
+        resume from the same one.
         """
         steps = sorted(self._manager.all_steps(), reverse=True)
         damaged: list[tuple[int, str]] = []
         for step in steps:
+            error = None
             try:
                 state, meta = self.restore(step, like)
             except Exception as err:
-                self._raise_if_mismatched(step, like)
-                reason = _one_line(err, 200)
-                log.warning("checkpoint %s is damaged: %s", self.step_dir(step), reason)
-                damaged.append((step, reason))
-                continue
-            for bad, _ in damaged:
-                self._move_aside(bad)
-            return step, state, meta
+                error = err
+            if all_processes(error is None):
+                for bad, _ in damaged:
+                    self._move_aside(bad)
+                return step, state, meta
+            self._raise_if_mismatched(step, like)
+            reason = "unreadable on another process" if error is None else _one_line(error, 200)
+            log.warning("checkpoint %s is damaged: %s", self.step_dir(step), reason)
+            damaged.append((step, reason))
         if damaged:
             listed = "; ".join(f"{self.step_dir(s)}: {r}" for s, r in damaged)
             raise WorkdirError(
@@ -212,19 +220,24 @@ class Checkpointer:
             )
 
     def _move_aside(self, step: int) -> None:
-        if self.read_only or jax.process_index() != 0:
+        """Process 0 renames; every process then reloads (or raises) alike."""
+        if self.read_only:
             return
         source = self.step_dir(step)
-        target = source.with_name(source.name + DAMAGED_SUFFIX)
-        n = 1
-        while target.exists():
-            target = source.with_name(f"{source.name}{DAMAGED_SUFFIX}-{n}")
-            n += 1
-        try:
-            source.rename(target)
-        except OSError as err:
-            raise WorkdirError(f"cannot move damaged {source} aside: {_one_line(err)}") from err
-        log.warning("moved damaged checkpoint %s aside to %s", source, target)
+        failure = ""
+        if jax.process_index() == 0:
+            target = source.with_name(source.name + DAMAGED_SUFFIX)
+            n = 1
+            while target.exists():
+                target = source.with_name(f"{source.name}{DAMAGED_SUFFIX}-{n}")
+                n += 1
+            try:
+                source.rename(target)
+                log.warning("moved damaged checkpoint %s aside to %s", source, target)
+            except OSError as err:
+                failure = _one_line(err)
+        if any_process(bool(failure)):  # also the barrier before the others reload
+            raise WorkdirError(f"cannot move damaged {source} aside: {failure or 'see process 0'}")
         self._manager.reload()
 
     # ----------------------------------------------------------------- close

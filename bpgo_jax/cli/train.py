@@ -8,6 +8,17 @@ Re-running with the same --workdir resumes from its latest checkpoint (a
 changed config is refused unless --allow_config_change). SIGTERM saves a
 checkpoint and exits with code 75 (requeue and re-run to resume). On a
 multi-core CPU add --cpu_devices=N (N cores) to use them all.
+
+A multi-process job (a TPU pod's hosts, GPU nodes) runs the same command in
+every process with --distributed (TPU pods, SLURM, Open MPI, GKE: detected)
+or, elsewhere, the set-up spelt out (the same --workdir, on a shared disk):
+
+    python launch/train.py --config=configs/image.py --workdir=W \
+        --coordinator=HOST0:1234 --num_processes=2 --process_id=I
+
+Process 0 writes the metrics and images; every process writes its shards of
+each checkpoint. SIGTERM to any process stops all of them after the same
+epoch, with one checkpoint, each exiting with code 75.
 """
 
 import logging
@@ -29,6 +40,7 @@ _CACHE = runtime.define_compile_cache_flag()
 _CPU_DEVICES = runtime.define_cpu_devices_flag(
     "N must divide sample.batch_size and train.micro_batch_size."
 )
+_DISTRIBUTED = runtime.define_distributed_flags()
 flags.adopt_module_key_flags(runtime)  # list them in --help
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -39,6 +51,7 @@ def main(argv):
     runtime.quiet_absl()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     runtime.enable_compile_cache(_CACHE.value)
+    _DISTRIBUTED.initialize()
     from bpgo_jax.train import train
 
     train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)

@@ -5,7 +5,9 @@ users plot from) and the newest image grid of each tag as
 WORKDIR/<tag>_latest.png; `log.tensorboard` adds TensorBoard event files and
 `log.wandb.enabled` a Weights & Biases run, both with the same rows and grids.
 Each backend is a `MetricsWriter` (`write_scalars`, `write_images`, `close`).
-Only process 0 writes.
+Only process 0 writes, so rows and images must already be on the host: a
+multi-process run reads its global arrays with `rollout.step.to_host` on
+every process (a collective) before handing them to the logger.
 """
 
 from __future__ import annotations

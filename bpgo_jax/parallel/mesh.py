@@ -30,7 +30,8 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str] = BATCH_AXES, devices=None) -> Mesh:
-    """A mesh of `shape` (one -1 entry takes the remaining devices)."""
+    """A mesh of `shape` (one -1 entry takes the remaining devices), laid out on
+    the hardware by `device_grid`."""
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != len(axes):
@@ -47,7 +48,42 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = BATCH_AXES, devices=No
             f"mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
             f"{len(devices)} are available"
         )
-    return Mesh(np.asarray(devices).reshape(shape), tuple(axes))
+    return Mesh(device_grid(shape, devices), tuple(axes))
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+    """`devices` as an array of `shape` whose neighbours along the last axes are
+    neighbours on the chips' interconnect.
+
+    `mesh_utils.create_device_mesh` orders TPU chips by their physical torus
+    (and GPUs by their global id); CPU devices keep their order. Devices of
+    several TPU slices (multi-slice, `device.slice_index`) are split by
+    `create_hybrid_device_mesh`: the slices, joined by the slower data-centre
+    network, go along the first axis (`data`: one gradient all-reduce per
+    update), each slice's chips along the rest.
+    """
+    from jax.experimental import mesh_utils
+
+    shape = tuple(int(s) for s in shape)
+    slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if len(slices) > 1:
+        if shape[0] % len(slices):
+            raise ValueError(
+                f"mesh.shape {shape}: the devices span {len(slices)} slices, which go along "
+                f"its first axis ({shape[0]} does not divide into them)"
+            )
+        per_slice = (shape[0] // len(slices), *shape[1:])
+        dcn = (len(slices),) + (1,) * (len(shape) - 1)
+        return mesh_utils.create_hybrid_device_mesh(
+            per_slice, dcn, devices, allow_split_physical_axes=True
+        )
+    try:
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, AssertionError):
+        if len(devices) == jax.device_count():
+            raise
+        # A subset (`mesh.num_devices`) that is not a block of the torus: in order.
+        return np.asarray(devices).reshape(shape)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

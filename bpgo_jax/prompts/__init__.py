@@ -1,4 +1,4 @@
-"""Prompt files and a resumable, host-sharded prompt order.
+"""Prompt files and a resumable prompt order that every host agrees on.
 
 A prompt file is `.txt` (one prompt a line) or `.jsonl` with objects
 `{"prompt": str, "prior": float (optional), "metadata": {...} (optional)}`.
@@ -134,6 +134,14 @@ def prompt_ids(num_prompts: int, seed: int, position: int, count: int) -> np.nda
             perm = np.random.default_rng([seed, pass_index]).permutation(num_prompts)
         out[i] = perm[offset]
     return out
+
+
+def sample_prompts(ids: np.ndarray, per_prompt: int, rows: np.ndarray) -> np.ndarray:
+    """The prompt id of each sample `rows` of an epoch of `per_prompt` samples of
+    every prompt `ids`: sample j is of prompt `ids[j // per_prompt]`, so a group
+    stays consecutive wherever its rows are computed (each host takes its rows
+    of every rollout batch)."""
+    return np.asarray(ids)[np.asarray(rows) // per_prompt]
 
 
 def host_slice(ids: np.ndarray, process_index: int, process_count: int) -> np.ndarray:

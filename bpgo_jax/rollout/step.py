@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from bpgo_jax.parallel.batching import map_in_chunks
-from bpgo_jax.prompts import PromptSet, host_slice
+from bpgo_jax.prompts import PromptSet, sample_prompts
 from bpgo_jax.rewards import RewardSet
 from bpgo_jax.rollout import samplers
 
@@ -112,12 +112,12 @@ def jit_rollout_step(
 
 
 def to_global(local: np.ndarray, batch_sharding: NamedSharding) -> jax.Array:
-    """A batch-sharded global array from this host's rows."""
+    """A batch-sharded global array from this host's rows (`local_rows` order)."""
     return jax.make_array_from_process_local_data(batch_sharding, np.asarray(local))
 
 
 def to_local(arr: jax.Array, batch_sharding: NamedSharding) -> np.ndarray:
-    """This host's rows of a batch-sharded global array."""
+    """This host's rows of a batch-sharded global array (`local_rows` order)."""
     if jax.process_count() == 1:
         return np.asarray(arr)
     local = multihost_utils.global_array_to_host_local_array(
@@ -126,11 +126,58 @@ def to_local(arr: jax.Array, batch_sharding: NamedSharding) -> np.ndarray:
     return np.asarray(local)
 
 
-def to_host(arr: jax.Array) -> np.ndarray:
-    """The whole of a global array on every host (its rows from all processes)."""
+def local_rows(batch_sharding: NamedSharding, num_rows: int) -> np.ndarray:
+    """The global rows of a `[num_rows]` batch-sharded array that this host's devices
+    hold, ascending (the order of `to_global`'s and `to_local`'s host arrays).
+
+    Read from the sharding, not assumed to be one contiguous block per host:
+    a topology-aware mesh may interleave the hosts' devices along its axes.
+    """
+    indices = batch_sharding.addressable_devices_indices_map((num_rows,)).values()
+    starts = sorted({index[0].indices(num_rows)[:2] for index in indices})
+    return np.concatenate([np.arange(lo, hi) for lo, hi in starts]).astype(np.int32)
+
+
+def to_host(tree: Any) -> Any:
+    """Every array of `tree` whole, as numpy, on every host: the one way host code
+    reads device results.
+
+    A leaf split over other hosts' devices is all-gathered, a collective that
+    every process must reach at the same point of the program (the loop runs
+    the same host code everywhere, so it does). Replicated and single-host
+    leaves are read from a local device.
+    """
+
+    def gather(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+
+    return jax.tree.map(np.asarray, jax.device_get(jax.tree.map(gather, tree)))
+
+
+def from_host(tree: Any, shardings: Any) -> Any:
+    """`tree` placed on `shardings` (a matching tree, or one sharding for all), for
+    values every process holds alike (a seeded init, config constants, the
+    epoch's prompt ids): the inverse of `to_host`.
+
+    One process: `jax.device_put`. Several: each process fills its own
+    devices' shards; `jax.device_put` would first compare the value across
+    processes with an all-gather per leaf (a collective and a compilation
+    each). Leaves that are already global arrays are resharded.
+    """
     if jax.process_count() == 1:
-        return np.asarray(arr)
-    return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
+        return jax.device_put(tree, shardings)
+
+    def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: put(x, shardings), tree)
+    return jax.tree.map(put, tree, shardings)
 
 
 def generate(
@@ -153,22 +200,22 @@ def generate(
 ) -> Rollout:
     """`per_prompt` samples of each prompt `ids` (global ids), `batch_size` per call.
 
-    Each host samples its share of the prompts; `len(ids) * per_prompt` must be
-    a multiple of `batch_size`.
+    Sample j of the list is prompt `ids[j // per_prompt]` (a prompt's samples,
+    its group, are consecutive) with noise from its index j; call c computes
+    samples `c * batch_size ...`, each host its rows of that batch
+    (`local_rows`). So the global arrays hold the samples in the same order,
+    with the same values, whatever the number of hosts. `len(ids) *
+    per_prompt` must be a multiple of `batch_size`.
     """
-    pc, pi = jax.process_count(), jax.process_index()
-    local_ids = host_slice(ids, pi, pc)
-    prompts = [prompt_set.prompts[i] for i in local_ids for _ in range(per_prompt)]
-    metadata = [prompt_set.metadata[i] for i in local_ids for _ in range(per_prompt)]
-    first_index = pi * len(prompts)
-    per_call = batch_size // pc
+    rows = local_rows(batch_sharding, batch_size)
     glob = functools.partial(to_global, batch_sharding=batch_sharding)
-    device_out, host_scores, images = [], [], []
-    starts = range(0, len(prompts), per_call)
+    device_out, host_scores, images, prompts = [], [], [], []
+    starts = range(0, len(ids) * per_prompt, batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
-        texts: Sequence[str] = prompts[start : start + per_call]
-        meta = metadata[start : start + per_call]
-        index = np.arange(first_index + start, first_index + start + len(texts), dtype=np.int32)
+        index = start + rows
+        prompt_index = sample_prompts(ids, per_prompt, index)
+        texts: Sequence[str] = [prompt_set.prompts[i] for i in prompt_index]
+        meta = [prompt_set.metadata[i] for i in prompt_index]
         out = step_fn(
             trainable,
             frozen,
@@ -184,6 +231,7 @@ def generate(
         device_out.append(out)
         host_scores.append({k: glob(v) for k, v in scores.items()})
         images.append(batch_images)
+        prompts.extend(texts)
     cat = lambda *xs: jnp.concatenate(xs) if len(xs) > 1 else xs[0]
     latents, outputs, cond, _, jit_scores = jax.tree.map(cat, *device_out)
     scores = {**jit_scores, **jax.tree.map(cat, *host_scores)}
