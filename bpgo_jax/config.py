@@ -372,6 +372,8 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
             )
 
 
+# How messages name a model family.
+_FAMILY = {"sd": "SD", "flux": "FLUX", "sd3": "SD3"}
 # The flow DiTs: model.name -> the module of its random-init presets.
 _DIT_PRESETS = {"flux": "bpgo_jax.models.flux.presets", "sd3": "bpgo_jax.models.sd3.presets"}
 
@@ -709,8 +711,8 @@ def _check_model_init(config: ml_collections.ConfigDict) -> None:
     if name in ("sd", *_DIT_PRESETS):
         _check(
             path.is_dir(),
-            f"model.init={init!r} is not a directory: {name} weights are a diffusers folder "
-            "(or 'random')",
+            f"model.init={init!r} is not a directory: {_FAMILY[name]} weights are a "
+            "diffusers folder (or 'random')",
         )
         _check(
             (path / "model_index.json").is_file(),
