@@ -107,6 +107,27 @@ def read_json(path: str) -> dict[str, Any]:
             raise WeightsError(f"{path} is not valid JSON ({err})") from None
 
 
+def prefixed(sharding_fn: ShardingFn | None, name: str) -> ShardingFn | None:
+    """`sharding_fn` for one component of a pipeline: its paths get `name` in front."""
+    if sharding_fn is None:
+        return None
+    return lambda path, shape: sharding_fn((name, *path), shape)
+
+
+def check_pipeline_index(folder: str, components: dict[str, str], family: str) -> None:
+    """`folder/model_index.json` lists every component with the class it must have."""
+    index = read_json(os.path.join(folder, "model_index.json"))
+    for name, cls in components.items():
+        entry = index.get(name)
+        if not entry or entry[0] is None or entry[1] is None:
+            raise WeightsError(f"{folder}/model_index.json has no {name!r} component")
+        if entry[1] != cls:
+            raise WeightsError(
+                f"{folder}/model_index.json: {name} is a {entry[1]!r}, expected {cls!r} "
+                f"(pipeline {index.get('_class_name')!r} is not {family})"
+            )
+
+
 def _shards(index: str) -> list[str]:
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):

@@ -111,11 +111,7 @@ def model_from_modules(
         return m.unet.apply({"params": lora_lib.unet_params(trainable, frozen, lora)}, x, t, cond)
 
     def decode(frozen: Params, latents: jax.Array) -> jax.Array:
-        z = latents.astype(jnp.float32) / v.scaling_factor
-        if v.shift_factor is not None:
-            z = z + v.shift_factor
-        images = m.vae.apply({"params": frozen["vae"]}, z, method="decode")
-        return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)
+        return m.vae.apply({"params": frozen["vae"]}, latents, method="decode_images")
 
     def init(rng: jax.Array) -> tuple[Params, Params]:
         k_text, k_unet, k_vae, k_lora = jax.random.split(rng, 4)

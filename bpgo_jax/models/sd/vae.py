@@ -145,6 +145,13 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z).astype(jnp.float32)
 
+    def decode_images(self, latents: jax.Array) -> jax.Array:
+        """Latents as the sampler holds them (scaled, shifted) -> images in [0, 1]."""
+        z = latents.astype(jnp.float32) / self.cfg.scaling_factor
+        if self.cfg.shift_factor is not None:
+            z = z + self.cfg.shift_factor
+        return jnp.clip((self.decode(z) + 1.0) / 2.0, 0.0, 1.0)
+
     def __call__(self, images: jax.Array) -> jax.Array:
         mean, _ = self.encode(images)
         return self.decode(mean)

@@ -129,11 +129,7 @@ def model_from_modules(
         return out.astype(jnp.float32)
 
     def decode(frozen: Params, latents: jax.Array) -> jax.Array:
-        z = latents.astype(jnp.float32) / v.scaling_factor
-        if v.shift_factor is not None:
-            z = z + v.shift_factor
-        images = m.vae.apply({"params": frozen["vae"]}, z, method="decode")
-        return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)
+        return m.vae.apply({"params": frozen["vae"]}, latents, method="decode_images")
 
     def init(rng: jax.Array) -> tuple[Params, Params]:
         k_text, k_transformer, k_vae, k_lora = jax.random.split(rng, 4)
@@ -212,22 +208,7 @@ def modules_from_configs(
 def _check_folder(folder: str) -> None:
     if not os.path.isdir(folder):
         raise WeightsError(f"missing folder {folder} (an SD3 diffusers pipeline folder)")
-    index = weights.read_json(os.path.join(folder, "model_index.json"))
-    for name, cls in _COMPONENTS.items():
-        entry = index.get(name)
-        if not entry or entry[0] is None or entry[1] is None:
-            raise WeightsError(f"{folder}/model_index.json has no {name!r} component")
-        if entry[1] != cls:
-            raise WeightsError(
-                f"{folder}/model_index.json: {name} is a {entry[1]!r}, expected {cls!r} "
-                f"(pipeline {index.get('_class_name')!r} is not SD3)"
-            )
-
-
-def _prefixed(sharding_fn, name: str):
-    if sharding_fn is None:
-        return None
-    return lambda path, shape: sharding_fn((name, *path), shape)
+    weights.check_pipeline_index(folder, _COMPONENTS, "SD3")
 
 
 def load_sd3(
@@ -273,7 +254,7 @@ def load_sd3(
             folder,
             max_sequence_length=max_sequence_length,
             dtype=dtype,
-            sharding_fn=_prefixed(sharding_fn, "text"),
+            sharding_fn=weights.prefixed(sharding_fn, "text"),
             variant=variant,
             clip_skip=clip_skip,
             attention=attention,
