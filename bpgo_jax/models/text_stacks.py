@@ -65,6 +65,33 @@ LAYOUT: dict[str, dict[str, tuple[str, str, str]]] = {
     "wan": {"t5": ("text_encoder", "tokenizer", "AutoTokenizer")},
 }
 
+# The released encoders' configs (transformers config.json fields): CLIP ViT-L/14's
+# text tower (FLUX and SD3's `text_encoder`) and T5-v1.1-XXL (FLUX's `text_encoder_2`,
+# SD3's `text_encoder_3`), for random-weight presets of those pipelines.
+CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    eos_token_id=2,
+    projection_dim=768,
+)
+T5_XXL = dict(
+    model_type="t5",
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+)
+
 
 def clean_prompt(text: str) -> str:
     """diffusers' Wan `prompt_clean`: HTML unescaped twice, whitespace collapsed.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 
 from bpgo_jax.models.flux.config import DEV_SCHEDULER, SCHNELL_SCHEDULER
+from bpgo_jax.models.text_stacks import CLIP_L, T5_XXL
 
 _VAE = dict(
     block_out_channels=[128, 256, 512, 512],
@@ -27,43 +28,20 @@ _VAE = dict(
     use_quant_conv=False,
     use_post_quant_conv=False,
 )
-_CLIP_L = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    eos_token_id=2,
-    projection_dim=768,
-)
-_T5_XXL = dict(
-    model_type="t5",
-    vocab_size=32128,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="gated-gelu",
-)
 
 PRESETS: dict[str, dict] = {
     "dev": dict(
         transformer=dict(guidance_embeds=True),
         vae=_VAE,
-        text_encoder=_CLIP_L,
-        text_encoder_2=_T5_XXL,
+        text_encoder=CLIP_L,
+        text_encoder_2=T5_XXL,
         scheduler=DEV_SCHEDULER,
     ),
     "schnell": dict(
         transformer=dict(guidance_embeds=False),
         vae=_VAE,
-        text_encoder=_CLIP_L,
-        text_encoder_2=_T5_XXL,
+        text_encoder=CLIP_L,
+        text_encoder_2=T5_XXL,
         scheduler=SCHNELL_SCHEDULER,
     ),
     "tiny": dict(
@@ -97,7 +75,7 @@ PRESETS: dict[str, dict] = {
             projection_dim=32,
         ),
         text_encoder_2=dict(
-            _T5_XXL, vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4
+            T5_XXL, vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4
         ),
         scheduler=DEV_SCHEDULER,
     ),

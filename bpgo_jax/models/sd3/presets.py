@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 
+from bpgo_jax.models.text_stacks import CLIP_L, T5_XXL
+
 _VAE = dict(
     block_out_channels=[128, 256, 512, 512],
     layers_per_block=2,
@@ -23,17 +25,6 @@ _VAE = dict(
     shift_factor=0.0609,
     use_quant_conv=False,
     use_post_quant_conv=False,
-)
-_CLIP_L = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    eos_token_id=2,
-    projection_dim=768,
 )
 _CLIP_G = dict(
     vocab_size=49408,
@@ -46,17 +37,8 @@ _CLIP_G = dict(
     eos_token_id=49407,
     projection_dim=1280,
 )
-_T5_XXL = dict(
-    vocab_size=32128,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    feed_forward_proj="gated-gelu",
-)
 _SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
-_REAL_TEXT = dict(text_encoder=_CLIP_L, text_encoder_2=_CLIP_G, text_encoder_3=_T5_XXL)
+_REAL_TEXT = dict(text_encoder=CLIP_L, text_encoder_2=_CLIP_G, text_encoder_3=T5_XXL)
 _MEDIUM = dict(
     sample_size=128,
     patch_size=2,
