@@ -1,4 +1,4 @@
-"""Samples images from a run's latest checkpoint (or, asked for, the config's base weights).
+"""Samples images or videos from a run's latest checkpoint (or the config's base weights).
 
     python launch/sample.py --config=configs/image.py --workdir=runs/image \
         --outdir=samples --prompt="a red circle" --prompt="two blue squares" --num_per_prompt=4
@@ -8,7 +8,9 @@
         --prompt="a red circle"
 
 Writes `OUTDIR/NNNNN.png` and `OUTDIR/index.json` (file, prompt, sample index
-and the config's rewards of each image; a non-finite reward is null). Reads
+and the config's rewards of each image; a non-finite reward is null). A
+video model writes `NNNNN.gif` and, with imageio-ffmpeg installed,
+`NNNNN.mp4` at --fps (index fields `file`: the GIF, `mp4`, `frames`). Reads
 the workdir only: nothing there is written, and a workdir without a
 checkpoint is refused unless --base_weights is given.
 """
@@ -25,12 +27,13 @@ from bpgo_jax import runtime
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory whose latest checkpoint is used.")
 _BASE = flags.DEFINE_bool("base_weights", False, "Sample the config's initial weights instead.")
-_OUTDIR = flags.DEFINE_string("outdir", None, "Where PNGs and index.json go.")
+_OUTDIR = flags.DEFINE_string("outdir", None, "Where PNGs (GIFs, MP4s) and index.json go.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A .txt or .jsonl prompt file.")
 _NUM = flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _EMA = flags.DEFINE_bool("use_ema", True, "Use EMA weights when the run kept them.")
+_FPS = flags.DEFINE_float("fps", 16.0, "Frame rate of written videos (video models).")
 _CACHE = runtime.define_compile_cache_flag()
 _CPU_DEVICES = runtime.define_cpu_devices_flag()
 flags.adopt_module_key_flags(runtime)  # list them in --help
@@ -44,10 +47,10 @@ def main(argv):
     runtime.enable_compile_cache(_CACHE.value)
     import jax
     import numpy as np
-    from PIL import Image
 
     from bpgo_jax.build import load_policy
     from bpgo_jax.errors import UserError
+    from bpgo_jax.logs import save_sample
     from bpgo_jax.prompts import PromptSet, load_prompts
 
     if not _WORKDIR.value and not _BASE.value:
@@ -62,6 +65,8 @@ def main(argv):
     n, k, bs = len(prompts), _NUM.value, config.sample.batch_size
     if k < 1 or bs % k:
         raise UserError(f"sample.batch_size={bs} must be a multiple of --num_per_prompt={k}")
+    if not _FPS.value > 0:
+        raise UserError(f"--fps={_FPS.value} must be positive")
     policy = load_policy(config, _WORKDIR.value, base_weights=_BASE.value, use_ema=_EMA.value)
     run = policy.run
     count = -(-n * k // bs) * bs // k
@@ -82,12 +87,10 @@ def main(argv):
     finite = lambda x: float(x) if math.isfinite(x) else None
     index = []
     for i in range(n * k):
-        name = f"{i:05d}.png"
-        pixels = (np.clip(rollout.images[i], 0, 1) * 255).round().astype(np.uint8)
-        Image.fromarray(pixels).save(out / name)
+        files = save_sample(out, f"{i:05d}", rollout.images[i], _FPS.value)
         index.append(
             {
-                "file": name,
+                **files,
                 "prompt": rollout.prompts[i],
                 "sample": i % k,
                 "rewards": {r: finite(v[i]) for r, v in scores.items()},
@@ -95,7 +98,8 @@ def main(argv):
         )
     text = json.dumps({"epoch": policy.epoch, "images": index}, indent=1, allow_nan=False)
     (out / "index.json").write_text(text)
-    print(f"wrote {n * k} images to {out}")
+    kind = "videos" if np.ndim(rollout.images) == 5 else "images"
+    print(f"wrote {n * k} {kind} to {out}")
 
 
 def run() -> None:

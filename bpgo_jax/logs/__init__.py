@@ -2,9 +2,11 @@
 
 Every run writes WORKDIR/metrics.jsonl (one JSON object per row, the file
 users plot from) and the newest image grid of each tag as
-WORKDIR/<tag>_latest.png; `log.tensorboard` adds TensorBoard event files and
-`log.wandb.enabled` a Weights & Biases run, both with the same rows and grids.
-Each backend is a `MetricsWriter` (`write_scalars`, `write_images`, `close`).
+WORKDIR/<tag>_latest.png (video samples: <tag>_latest.gif and .mp4);
+`log.tensorboard` adds TensorBoard event files and `log.wandb.enabled` a
+Weights & Biases run, both with the same rows, grids and videos. Each
+backend is a `MetricsWriter` (`write_scalars`, `write_images`,
+`write_video`, `close`).
 Only process 0 writes, so rows and images must already be on the host: a
 multi-process run reads its global arrays with `rollout.step.to_host` on
 every process (a collective) before handing them to the logger.
@@ -20,8 +22,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from bpgo_jax.logs.images import LatestImageWriter, captioned_grid, save_png
+from bpgo_jax.logs.images import LatestImageWriter, captioned_grid, save_png, save_sample
 from bpgo_jax.logs.jsonl import JsonlWriter, jsonable, truncate_jsonl
+from bpgo_jax.logs.video import DEFAULT_FPS, captioned_video, save_gif, save_mp4
 from bpgo_jax.logs.writer import INDEX_KEYS, MetricsWriter, row_step
 
 __all__ = [
@@ -31,9 +34,13 @@ __all__ = [
     "MetricsWriter",
     "RunLogger",
     "captioned_grid",
+    "captioned_video",
     "jsonable",
     "row_step",
+    "save_gif",
+    "save_mp4",
     "save_png",
+    "save_sample",
     "truncate_jsonl",
 ]
 
@@ -96,9 +103,27 @@ class RunLogger:
         for writer in self.writers:
             writer.write_scalars(step, clean)
 
-    def images(self, tag: str, images: np.ndarray, captions: list[str], step: int) -> None:
-        """A captioned grid of `images` (float [N, H, W, 3] in [0, 1]) to every writer."""
+    def images(
+        self,
+        tag: str,
+        images: np.ndarray,
+        captions: list[str],
+        step: int,
+        *,
+        fps: float = DEFAULT_FPS,
+    ) -> None:
+        """A captioned grid of `images` (float [N, H, W, 3] in [0, 1]) to every writer.
+
+        Videos (rank 5, `[N, F, H, W, 3]`) become a captioned video grid, played
+        at `fps`.
+        """
         if not self.enabled:
+            return
+        images = np.asarray(images)
+        if images.ndim == 5:
+            frames = captioned_video(images, captions)
+            for writer in self.writers:
+                writer.write_video(tag, frames, captions, step, fps)
             return
         grid = captioned_grid(images, captions)
         for writer in self.writers:

@@ -58,6 +58,11 @@ class JsonlWriter:
     def write_images(self, tag: str, grid: np.ndarray, captions: Sequence[str], step: int) -> None:
         del tag, grid, captions, step
 
+    def write_video(
+        self, tag: str, frames: np.ndarray, captions: Sequence[str], step: int, fps: float
+    ) -> None:
+        del tag, frames, captions, step, fps
+
     def close(self) -> None:
         pass
 

@@ -1,5 +1,5 @@
-"""Weights & Biases: the same rows and image grids as metrics.jsonl, in one wandb run
-per workdir.
+"""Weights & Biases: the same rows, image grids and videos as the other writers, in one
+wandb run per workdir.
 
 `wandb` is an optional dependency, imported only when `log.wandb.enabled`.
 The run's id is kept in WORKDIR/wandb_run_id, so every restart of a workdir
@@ -12,6 +12,7 @@ the recomputed ones.
 
 from __future__ import annotations
 
+import io
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,13 +22,14 @@ import numpy as np
 
 from bpgo_jax.checkpoint.workdir import atomic_write
 from bpgo_jax.errors import ConfigError
+from bpgo_jax.logs.video import encode_gif
 
 RUN_ID_FILE = "wandb_run_id"
 MODES = ("online", "offline", "disabled")
 
 
 class WandbWriter:
-    """Logs numeric fields (index fields included, to plot against) and grids."""
+    """Logs numeric fields (index fields included, to plot against), grids and videos."""
 
     def __init__(
         self,
@@ -73,6 +75,15 @@ class WandbWriter:
     def write_images(self, tag: str, grid: np.ndarray, captions: Sequence[str], step: int) -> None:
         image = self._wandb.Image(grid, caption=" | ".join(captions))
         self.run.log({tag: image}, step=step)
+
+    def write_video(
+        self, tag: str, frames: np.ndarray, captions: Sequence[str], step: int, fps: float
+    ) -> None:
+        # Encoded GIF bytes: wandb encodes raw arrays with moviepy, which is not needed here.
+        clip = self._wandb.Video(
+            io.BytesIO(encode_gif(frames, fps)), caption=" | ".join(captions), format="gif"
+        )
+        self.run.log({tag: clip}, step=step)
 
     def close(self) -> None:
         self.run.finish()

@@ -1,4 +1,4 @@
-"""The interface every metrics backend implements (JSONL, TensorBoard, wandb, PNG files)."""
+"""The interface every metrics backend implements (JSONL, TensorBoard, wandb, PNG/GIF files)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ class MetricsWriter(Protocol):
 
     def write_images(self, tag: str, grid: np.ndarray, captions: Sequence[str], step: int) -> None:
         """A captioned grid (uint8 [H, W, 3]) and the captions of its tiles."""
+
+    def write_video(
+        self, tag: str, frames: np.ndarray, captions: Sequence[str], step: int, fps: float
+    ) -> None:
+        """A captioned video grid (uint8 [F, H, W, 3]) played at `fps` frames per second."""
 
     def close(self) -> None:
         """Flushes and releases the backend."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from bpgo_jax.rewards import colour, jpeg  # noqa: F401  (registers built-ins)
+from bpgo_jax.rewards import colour, jpeg, remote, video  # noqa: F401  (registers built-ins)
 from bpgo_jax.rewards.base import Reward, build, names, register
 from bpgo_jax.rewards.compose import RewardSet, build_reward_set
 
