@@ -35,7 +35,7 @@ __all__ = ["ConfigError", "batch_layout", "check_inputs", "validate"]
 ADVANTAGE_METHODS = ("bpgo", "grpo", "ddpo_tracker")
 PRIOR_KINDS = ("fixed", "moving_average", "reference")
 FLOW_NOISE = schedules.FLOW_NOISE
-MODEL_NAMES = ("tiny_unet", "sd", "flux", "sd3")
+MODEL_NAMES = ("tiny_unet", "sd", "flux", "sd3", "wan")
 PREDICTION_TYPES = ("flow", "epsilon", "v_prediction", "sample")
 
 # Integer fields shared by every run config (configs/common.py) and their minimum.
@@ -103,6 +103,9 @@ _REALS: tuple[tuple[str, str, str], ...] = (
     ("train.max_grad_norm", "> 0", ""),
 )
 
+# Real fields that may be None: the flow DiT's own value (its scheduler config).
+_UNSET_MEANS_MODEL = frozenset({"sample.shift"})
+
 _CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("prompts.on_too_long", ("warn", "error")),
     ("sample.kind", ("ddim", "flow")),
@@ -162,7 +165,13 @@ def _check_scalars(config: ml_collections.ConfigDict) -> None:
             )
     for field, rule, why in _REALS:
         value = _get(config, field)
-        if value is not _MISSING:
+        if value is None and field in _UNSET_MEANS_MODEL:
+            _check(
+                config.model.name in _DIT_PRESETS,
+                f"{field}=None takes the value of the model's scheduler config; model.name="
+                f"{config.model.name!r} has none: set a number",
+            )
+        elif value is not _MISSING:
             _check(
                 _is_real(value) and _REAL_RULES[rule](value),
                 f"{field}={value!r} must be a finite number {rule}".rstrip() + _because(why),
@@ -373,13 +382,20 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
 
 
 # How messages name a model family.
-_FAMILY = {"sd": "SD", "flux": "FLUX", "sd3": "SD3"}
+_FAMILY = {"sd": "SD", "flux": "FLUX", "sd3": "SD3", "wan": "Wan"}
 # The flow DiTs: model.name -> the module of its random-init presets.
-_DIT_PRESETS = {"flux": "bpgo_jax.models.flux.presets", "sd3": "bpgo_jax.models.sd3.presets"}
+_DIT_PRESETS = {
+    "flux": "bpgo_jax.models.flux.presets",
+    "sd3": "bpgo_jax.models.sd3.presets",
+    "wan": "bpgo_jax.models.wan.presets",
+}
+# Flow DiTs whose `model.resolution` may be (height, width).
+_RECTANGULAR = ("flux", "wan")
 
 
 def _check_dit(config: ml_collections.ConfigDict) -> None:
-    """FLUX / SD3: the flow sampler, a 16-pixel image grid, and the text fields they read."""
+    """FLUX / SD3 / Wan: the flow sampler, a 16-pixel image grid, the text fields they read,
+    and Wan's frame count."""
     model, name = config.model, config.model.name
     _check(
         config.sample.kind == "flow",
@@ -387,11 +403,11 @@ def _check_dit(config: ml_collections.ConfigDict) -> None:
     )
     resolution = model.get("resolution", None)
     sides = tuple(resolution) if isinstance(resolution, tuple | list) else (resolution,)
-    shapes = "an integer or (height, width)" if name == "flux" else "an integer"
+    shapes = "an integer or (height, width)" if name in _RECTANGULAR else "an integer"
     _check(
         resolution is None
         or (
-            len(sides) in ((1, 2) if name == "flux" else (1,))
+            len(sides) in ((1, 2) if name in _RECTANGULAR else (1,))
             and all(_is_int(v) and v >= 16 and v % 16 == 0 for v in sides)
         ),
         f"model.resolution={resolution!r} must be None (the model's own) or {shapes} "
@@ -417,12 +433,38 @@ def _check_dit(config: ml_collections.ConfigDict) -> None:
         f"model.text_cache={text_cache!r} needs model.init to be the diffusers folder it was "
         "written for, not 'random'",
     )
+    if name == "wan":
+        _check_wan(model)
     if name == "flux":
         guidance = model.get("guidance", 3.5)
         _check(
             _is_real(guidance) and guidance > 0,
             f"model.guidance={guidance!r} must be a finite number > 0 (FLUX.1-dev's embedded "
             "guidance)",
+        )
+
+
+def _check_wan(model: ml_collections.ConfigDict) -> None:
+    """Wan2.1 T2V: `1 + 4k` frames (the VAE's causal chunks), a text-to-video preset."""
+    frames = model.get("num_frames", 81)
+    _check(
+        _is_int(frames) and frames >= 1 and (frames - 1) % 4 == 0,
+        f"model.num_frames={frames!r} must be 1 + 4k (1, 5, 9, ..., 81): the Wan VAE encodes "
+        "frame 0 alone, then chunks of 4 frames",
+    )
+    chunk = model.get("vae_batch_chunk", 0)
+    _check(
+        _is_int(chunk) and chunk >= 0,
+        f"model.vae_batch_chunk={chunk!r} must be an integer >= 0 (0: decode every video at once)",
+    )
+    if model.get("init", "random") == "random":
+        from bpgo_jax.models.wan.presets import PRESETS
+
+        preset = PRESETS.get(model.get("preset", "tiny"), {})
+        _check(
+            preset.get("transformer_2") is None and not preset.get("expand_timesteps"),
+            f"model.preset={model.get('preset')!r} is a Wan2.2 model (two experts or per-token "
+            "timesteps); model.name='wan' trains Wan2.1 text-to-video",
         )
 
 

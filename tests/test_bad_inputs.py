@@ -153,7 +153,10 @@ VALIDATE_ROWS = [
         "('data', 'fsdp') or None, one per array dimension",
     ),
     ({"model.heads": 3}, "model.text_width=64 must be divisible by model.heads=3"),
-    ({"model.name": "sdxl"}, "model.name='sdxl' is not one of ('tiny_unet', 'sd', 'flux', 'sd3')"),
+    (
+        {"model.name": "sdxl"},
+        "model.name='sdxl' is not one of ('tiny_unet', 'sd', 'flux', 'sd3', 'wan')",
+    ),
     (
         {"model.init": ""},
         "model.init is empty: set it to 'random' or to the weights (a .msgpack file for "

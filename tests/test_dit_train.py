@@ -38,9 +38,11 @@ from bpgo_jax.configs import (  # noqa: E402
     sd35_tiny_test,
 )
 from bpgo_jax.errors import ConfigError  # noqa: E402
+from bpgo_jax.models import build_model  # noqa: E402
 from bpgo_jax.models.flux.pipeline import FLUX_ATTENTION_TARGETS  # noqa: E402
 from bpgo_jax.models.sd.pipeline import random_params  # noqa: E402
 from bpgo_jax.models.sd3.pipeline import SD3_ATTENTION_TARGETS  # noqa: E402
+from bpgo_jax.rollout import samplers, schedules  # noqa: E402
 from bpgo_jax.train import train  # noqa: E402
 
 # The module fixtures (folders, launcher runs) build once: keep the file on one worker.
@@ -193,6 +195,18 @@ def test_paper_configs_fit_one_and_eight_devices(name):
         assert (c.sample.group_size, c.sample.num_steps, c.sample.guidance_scale) == (24, 10, 4.5)
         assert (c.model.lora.rank, c.model.lora.alpha, c.train.kl_beta) == (32, 64.0, 0.01)
         assert "pickscore" in c.rewards and tuple(c.model.lora.targets) == SD3_ATTENTION_TARGETS
+
+
+def test_sd35_configs_sample_at_the_folder_scheduler_shift(folders):
+    """Flow-GRPO samples SD3.5 at its scheduler's shift (3.0); the configs leave
+    `sample.shift` unset so the folder's value is used."""
+    assert sd35_pickscore.get_config().sample.shift is None
+    c = _config(folders, "sd3")
+    model, _, _ = build_model(c.model, jax.random.key(0))
+    sampler = samplers.make_sampler(c.sample, model)
+    sigmas = schedules.diffusers_flow_sigmas(c.sample.num_steps, sd3_folders.SHIFT)[:-1]
+    want = sigmas.astype(np.float32) * np.float32(1000)
+    np.testing.assert_array_equal(sampler.tables["model_t"], want)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -49,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
         guidance=3.5,
         # SD3: CLIP layers skipped from the end (unset: the penultimate layer's states).
         clip_skip=ml_collections.config_dict.placeholder(int),
+        # Wan: frames per video (1 + 4k; 81 is WanPipeline's) and videos the VAE
+        # decodes at a time (0: the whole batch at once).
+        num_frames=81,
+        vae_batch_chunk=0,
     )
     # on_too_long: prompts with more tokens than model.max_length are cut;
     # "warn" says how many once, "error" refuses them.

@@ -75,6 +75,7 @@ def sd35_config() -> ml_collections.ConfigDict:
         prompts_per_epoch=48,
         batch_size=96,
     )
+    c.sample.shift = placeholder(float)  # None: the folder's scheduler shift (3.0 for SD3.5)
     c.advantage.update(method="bpgo", clip=5.0, std="global")  # Flow-GRPO's global_std
     c.prior.update(kind="moving_average", decay=0.9)
     c.train.update(

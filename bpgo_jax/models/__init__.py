@@ -2,7 +2,7 @@
 
 `config.model.init` is "random" (seeded by `config.seed`) or a path to
 weights: a `.msgpack` params file for the built-in model (written by
-`launch/pretrain.py`), a diffusers folder for Stable Diffusion.
+`launch/pretrain.py`), a diffusers folder for Stable Diffusion, FLUX.1, SD3 and Wan2.1.
 """
 
 from __future__ import annotations
@@ -54,7 +54,13 @@ def build_model(
         from bpgo_jax.models.sd3.pipeline import sd3_from_config
 
         return sd3_from_config(cfg, rng, sharding_fn=sharding_fn)
-    raise ConfigError(f"config.model.name={cfg.name!r} is not one of: tiny_unet, sd, flux, sd3")
+    if cfg.name == "wan":
+        from bpgo_jax.models.wan.pipeline import wan_from_config
+
+        return wan_from_config(cfg, rng, sharding_fn=sharding_fn)
+    raise ConfigError(
+        f"config.model.name={cfg.name!r} is not one of: tiny_unet, sd, flux, sd3, wan"
+    )
 
 
 def save_params(path: str | Path, trainable: Params, frozen: Params) -> None:

@@ -17,7 +17,12 @@ Conventions (shared by all implementations):
   models, `1000 * sigma` for rectified-flow models. What the output means is
   `prediction_type`: "epsilon", "v_prediction", "sample" or "flow" (velocity
   `noise - x0`, with `x_s = (1 - s) * x0 + s * noise`).
-- `decode(frozen, latents)` returns float32 images `[B, H, W, 3]` in [0, 1].
+- `latent_shape` is any rank, channels last: `(h, w, c)` for images,
+  `(f, h, w, c)` for video (Wan); the engine's noise, log-probs and ratios
+  treat every non-batch dim alike.
+- `decode(frozen, latents)` returns float32 images `[B, H, W, 3]` in [0, 1],
+  or for a video model frames `[B, F, H, W, 3]` in [0, 1]: what every reward
+  then receives (`rewards.video` wraps image rewards to score frames).
 - `init(rng)` returns `(trainable, frozen)` with fresh random weights;
   loaders for real weights return the same pair.
 """

@@ -64,7 +64,8 @@ def make_sampler(cfg, model: DiffusionModel) -> Sampler:
     """Builds the sampler of `config.sample` for `model`.
 
     A sample block without the flow fields `sigmas`, `dynamic_shift` or
-    `sde_window` (configs/pretrain.py pins one) gets their defaults.
+    `sde_window` (configs/pretrain.py pins one) gets their defaults;
+    `shift=None` takes the model's (`scheduler_shift`).
     """
     if cfg.kind == "ddim":
         if model.prediction_type == "flow":
@@ -80,7 +81,7 @@ def make_sampler(cfg, model: DiffusionModel) -> Sampler:
         dynamic = bool(getattr(cfg, "dynamic_shift", False))
         tables = schedules.flow_tables(
             cfg.num_steps,
-            flow_shift(model) if dynamic else cfg.shift,
+            flow_shift(model) if dynamic else scheduler_shift(model, getattr(cfg, "shift", 1.0)),
             cfg.noise,
             cfg.noise_level,
             sigmas=getattr(cfg, "sigmas", "shifted_linear"),
@@ -91,6 +92,20 @@ def make_sampler(cfg, model: DiffusionModel) -> Sampler:
     else:
         raise ValueError(f"sample.kind={cfg.kind!r} is not 'ddim' or 'flow'")
     return Sampler(cfg.kind, model.prediction_type, cfg.num_steps, cfg.guidance_scale, tables, clip)
+
+
+def scheduler_shift(model: DiffusionModel, shift: float | None) -> float:
+    """`shift`, or where it is None the static shift of the model's scheduler config
+    (e.g. Wan's `flow_shift`: 3.0 for its 480p folders, 5.0 for 720p)."""
+    if shift is not None:
+        return float(shift)
+    value = (getattr(model, "scheduler_config", None) or {}).get("shift")
+    if value is None:
+        raise ConfigError(
+            f"sample.shift=None takes the shift of the model's scheduler config, and model "
+            f"{getattr(model, 'name', '?')!r} declares none: set sample.shift"
+        )
+    return float(value)
 
 
 def flow_shift(model: DiffusionModel) -> float:

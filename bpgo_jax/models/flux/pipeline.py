@@ -23,6 +23,7 @@ The sampling schedule is the folder's `scheduler_config.json`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -30,14 +31,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bpgo_jax.errors import ConfigError, UserError, WeightsError
+from bpgo_jax.errors import ConfigError, WeightsError
 from bpgo_jax.models import lora as lora_lib
-from bpgo_jax.models import text_cache as text_cache_lib
 from bpgo_jax.models import text_stacks, weights
 from bpgo_jax.models.clip import CLIPTextModel
 from bpgo_jax.models.clip.config import text_config_from_dict
-from bpgo_jax.models.clip.loaders import text_inputs
 from bpgo_jax.models.dit import patchify, unpatchify
+from bpgo_jax.models.dit import pipeline as dit_pipeline
 from bpgo_jax.models.flux.config import (
     PACK,
     flux_config_from_dict,
@@ -52,13 +52,10 @@ from bpgo_jax.models.flux.transformer import (
     transformer_inputs,
 )
 from bpgo_jax.models.interface import DiffusionModel
-from bpgo_jax.models.lora import LoraSpec
 from bpgo_jax.models.sd.config import vae_config_from_dict
 from bpgo_jax.models.sd.loader import load_vae, vae_inputs
-from bpgo_jax.models.sd.pipeline import random_params
 from bpgo_jax.models.sd.vae import AutoencoderKL
 from bpgo_jax.models.t5 import T5EncoderModel, t5_config_from_dict
-from bpgo_jax.models.t5 import example_inputs as t5_example_inputs
 from bpgo_jax.models.text import HashTokenizer, Tokenizer
 
 Params = Any
@@ -98,17 +95,6 @@ class FluxModules:
     scheduler: dict  # the scheduler_config.json, defaults filled in
 
 
-def _size(resolution: Any) -> tuple[int, int]:
-    """`resolution` (a side, or (height, width); None: the pipeline's 1024) in pixels."""
-    if resolution is None:
-        return DEFAULT_RESOLUTION, DEFAULT_RESOLUTION
-    if isinstance(resolution, (tuple, list)):
-        if len(resolution) != 2:
-            raise ConfigError(f"resolution={resolution!r} must be a side or (height, width)")
-        return int(resolution[0]), int(resolution[1])
-    return int(resolution), int(resolution)
-
-
 def _check_compatible(m: FluxModules) -> None:
     t, v = m.transformer.cfg, m.vae.cfg
     if v.latent_channels != t.latent_channels or t.out_dim != t.in_channels:
@@ -131,7 +117,7 @@ def model_from_modules(
     m: FluxModules,
     *,
     resolution: int | tuple[int, int] | None = None,
-    lora: LoraSpec | None = None,
+    lora: lora_lib.LoraSpec | None = None,
     guidance: float = DEFAULT_GUIDANCE,
     cache_tables: dict[str, jax.Array] | None = None,
     tokenize: Tokenizer | None = None,
@@ -143,26 +129,18 @@ def model_from_modules(
     """
     _check_compatible(m)
     t, v = m.transformer.cfg, m.vae.cfg
-    height, width = _size(resolution)
+    height, width = dit_pipeline.image_size(resolution, (DEFAULT_RESOLUTION,) * 2)
     multiple = v.downscale * PACK
     if height % multiple or width % multiple or height < multiple or width < multiple:
         raise ConfigError(
             f"resolution={height}x{width} must be a positive multiple of {multiple} "
             "(8x VAE, 2x2 packing)"
         )
-    if (m.text is None) != (cache_tables is not None):
-        raise ValueError("give either a text stack or text-cache tables, not both or neither")
     latent_shape = (height // v.downscale, width // v.downscale, v.latent_channels)
-    dtype = m.transformer.dtype
     guidance = float(guidance)
 
-    def encode_text(frozen: Params, tokens: jax.Array) -> dict[str, jax.Array]:
-        if m.text is not None:
-            return m.text.encode(frozen["text"], tokens)
-        return text_cache_lib.gather(frozen["text_cache"], tokens)
-
     def predict(trainable, frozen, x, timestep, cond):
-        params = lora_lib.unet_params(trainable, frozen, lora, key="transformer")
+        params = dit_pipeline.transformer_params(trainable, frozen, lora)
         b, h, w, _ = x.shape
         text = cond["prompt_embeds"]
         rope = flux_rope(t, text.shape[1], h // PACK, w // PACK)
@@ -183,61 +161,26 @@ def model_from_modules(
     def decode(frozen: Params, latents: jax.Array) -> jax.Array:
         return m.vae.apply({"params": frozen["vae"]}, latents, method="decode_images")
 
-    def init(rng: jax.Array) -> tuple[Params, Params]:
-        k_text, k_transformer, k_vae, k_lora = jax.random.split(rng, 4)
-        net = random_params(m.transformer, k_transformer, dtype, *transformer_inputs(t))
-        frozen = {"vae": random_params(m.vae, k_vae, dtype, *vae_inputs(v))}
-        if m.text is not None:
-            frozen["text"] = m.text.init(k_text, dtype)
-        else:
-            frozen["text_cache"] = dict(cache_tables)
-        return split_params(net, frozen, lora, k_lora)
+    functions, text = (latent_shape, predict, decode), (cache_tables, tokenize)
+    return dit_pipeline.flow_model("flux", m, _parts(m), functions, lora, text, FluxModel)
 
-    return FluxModel(
-        name="flux",
-        latent_shape=latent_shape,
-        prediction_type="flow",
-        tokenize=m.text.tokenizer if m.text is not None else tokenize,
-        encode_text=encode_text,
-        predict=predict,
-        decode=decode,
-        init=init,
-        scheduler_config=dict(m.scheduler),
-    )
+
+def _parts(m: FluxModules) -> tuple[dit_pipeline.Part, dit_pipeline.Part]:
+    """The transformer and VAE with their init inputs."""
+    return (m.transformer, transformer_inputs(m.transformer.cfg)), (m.vae, vae_inputs(m.vae.cfg))
 
 
 def split_params(
-    transformer: Params, frozen: Params, spec: LoraSpec | None, rng: jax.Array
+    transformer: Params, frozen: Params, spec: lora_lib.LoraSpec | None, rng: jax.Array
 ) -> tuple[Params, Params]:
     """`lora.split_params` under the key "transformer"."""
-    return lora_lib.split_params(transformer, frozen, spec, rng, key="transformer")
+    return dit_pipeline.split_params(transformer, frozen, spec, rng)
 
 
-def param_shapes(m: FluxModules, lora: LoraSpec | None = None) -> tuple[Params, Params]:
-    """`(trainable, frozen)` of `m`'s model as `ShapeDtypeStruct`s, nothing drawn or read.
-
-    For memory and FLOP estimates of the real-size presets (`model.init`
-    draws every weight on the host); text-cache tables are not included.
-    """
-    dtype = jnp.dtype(m.transformer.dtype)
-
-    def shapes(module, *inputs):
-        tree = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), tree)
-
-    net = shapes(m.transformer, *transformer_inputs(m.transformer.cfg))
-    frozen = {"vae": shapes(m.vae, *vae_inputs(m.vae.cfg))}
-    if m.text is not None:
-        frozen["text"] = {
-            name: shapes(module, *_text_inputs(module)) for name, module in m.text.encoders
-        }
-    return jax.eval_shape(lambda n, f: split_params(n, f, lora, jax.random.key(0)), net, frozen)
-
-
-def _text_inputs(module: Any) -> tuple[Any, ...]:
-    if isinstance(module, CLIPTextModel):
-        return (text_inputs(module.cfg),)
-    return t5_example_inputs()
+def param_shapes(m: FluxModules, lora: lora_lib.LoraSpec | None = None) -> tuple[Params, Params]:
+    """`(trainable, frozen)` of `m`'s model as `ShapeDtypeStruct`s, nothing drawn or read
+    (`dit.pipeline.param_shapes`)."""
+    return dit_pipeline.param_shapes(*_parts(m), m.text, lora, m.transformer.dtype)
 
 
 # ---------------------------------------------------------------- building
@@ -258,111 +201,64 @@ def _random_text(configs: dict, dtype: Any, attention: str, length: int) -> text
     return text_stacks.stack_from_modules("flux", encoders, tokenizers, max_sequence_length=length)
 
 
-def modules_from_configs(
-    configs: dict,
-    dtype: Any = jnp.float32,
-    *,
-    attention: str = "auto",
-    remat: str = "none",
-    max_sequence_length: int | None = None,
-) -> FluxModules:
+def modules_from_configs(configs: dict, dtype: Any = jnp.float32, **options: Any) -> FluxModules:
     """Modules (random weights) from `{"transformer", "vae", "text_encoder", "text_encoder_2",
-    "scheduler"}` config dicts, e.g. `presets.preset("dev")`."""
+    "scheduler"}` config dicts, e.g. `presets.preset("dev")`; `options`: `attention`,
+    `remat`, `max_sequence_length` (`dit.pipeline.BuildOptions`)."""
     for key in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler"):
         if key not in configs:
             raise ValueError(f"FLUX configs lack the {key!r} config dict")
-    length = text_stacks.resolve_max_sequence_length("flux", max_sequence_length)
+    o = dit_pipeline.options_of(options)
+    length = text_stacks.resolve_max_sequence_length("flux", o.max_sequence_length)
     return FluxModules(
         transformer=FluxTransformer2DModel(
-            flux_config_from_dict(dict(configs["transformer"])), dtype, attention, remat
+            flux_config_from_dict(dict(configs["transformer"])), dtype, o.attention, o.remat
         ),
         vae=AutoencoderKL(vae_config_from_dict(dict(configs["vae"])), dtype),
-        text=_random_text(configs, dtype, attention, length),
+        text=_random_text(configs, dtype, o.attention, length),
         scheduler=scheduler_config_from_dict(dict(configs["scheduler"])),
     )
 
 
-def _check_folder(folder: str) -> None:
-    if os.path.isfile(folder):
-        if folder.endswith(weights.PICKLE_SUFFIXES) or weights.is_pickle_data(folder):
-            weights.refuse_pickle(folder)
+FAMILY = dit_pipeline.Family(
+    kind="flux",
+    name="FLUX.1",
+    components=_COMPONENTS,
+    load_transformer=dit_pipeline.in_subfolder(load_transformer, "transformer"),
+    load_vae=dit_pipeline.in_subfolder(load_vae, "vae"),
+    parse_scheduler=lambda raw, where: scheduler_config_from_dict(raw),
+    modules=FluxModules,
+    check=_check_compatible,
+)
+
+
+def load_flux(folder: str, *, with_text: bool = True, **options: Any) -> tuple[FluxModules, dict]:
+    """Every component of a diffusers FLUX.1 folder -> `(modules, params)`.
+
+    `params` = {"transformer", "vae"[, "text"]}; `options` are
+    `dit.pipeline.BuildOptions` (dtype, sharding_fn, variant, attention,
+    remat, max_sequence_length). `with_text=False` skips the text encoders
+    (a run reading a text cache).
+    """
+    if os.path.isfile(folder) and not (
+        folder.endswith(weights.PICKLE_SUFFIXES) or weights.is_pickle_data(folder)
+    ):
         raise WeightsError(
             f"{folder} is a file; FLUX loads a diffusers pipeline folder (convert a "
             "Black Forest Labs checkpoint with `FluxPipeline.from_single_file`, see docs/models.md)"
         )
-    if not os.path.isdir(folder):
-        raise WeightsError(f"missing folder {folder} (a FLUX diffusers pipeline folder)")
-    weights.check_pipeline_index(folder, _COMPONENTS, "FLUX.1")
-
-
-def load_flux(
-    folder: str,
-    *,
-    dtype: Any = jnp.float32,
-    sharding_fn: weights.ShardingFn | None = None,
-    variant: str | None = None,
-    attention: str = "auto",
-    remat: str = "none",
-    max_sequence_length: int | None = None,
-    with_text: bool = True,
-) -> tuple[FluxModules, dict]:
-    """Every component of a diffusers FLUX.1 folder -> `(modules, params)`.
-
-    `params` = {"transformer", "vae"[, "text"]}; `sharding_fn(path, shape)`
-    gets paths starting with those names and places each tensor as it is
-    read. `with_text=False` skips the text encoders (a run reading a text cache).
-    """
-    _check_folder(folder)
-    transformer, t_params = load_transformer(
-        os.path.join(folder, "transformer"),
-        dtype=dtype,
-        sharding_fn=sharding_fn,
-        variant=variant,
-        attention=attention,
-        remat=remat,
-    )
-    vae, v_params = load_vae(
-        os.path.join(folder, "vae"), dtype=dtype, sharding_fn=sharding_fn, variant=variant
-    )
-    where = os.path.join(folder, "scheduler", "scheduler_config.json")
-    try:
-        sched = scheduler_config_from_dict(weights.read_json(where))
-    except ValueError as err:
-        raise WeightsError(f"{where}: {err}") from None
-    params = {"transformer": t_params, "vae": v_params}
-    stack = None
-    if with_text:
-        stack, params["text"] = text_stacks.load_text_stack(
-            "flux",
-            folder,
-            max_sequence_length=max_sequence_length,
-            dtype=dtype,
-            sharding_fn=weights.prefixed(sharding_fn, "text"),
-            variant=variant,
-            attention=attention,
-        )
-    mods = FluxModules(transformer, vae, stack, sched)
-    try:
-        _check_compatible(mods)
-    except ValueError as err:
-        raise WeightsError(f"{folder}: {err}") from None
-    return mods, params
+    return dit_pipeline.load_components(FAMILY, folder, with_text=with_text, **options)
 
 
 def flux_model(
     source: str | dict,
     *,
     rng: jax.Array | None = None,
-    dtype: Any = jnp.float32,
     resolution: int | tuple[int, int] | None = None,
-    lora: LoraSpec | None = None,
+    lora: lora_lib.LoraSpec | None = None,
     guidance: float = DEFAULT_GUIDANCE,
-    sharding_fn: weights.ShardingFn | None = None,
-    variant: str | None = None,
-    attention: str = "auto",
-    remat: str = "none",
-    max_sequence_length: int | None = None,
     text_cache: str | None = None,
+    **options: Any,
 ) -> tuple[FluxModel, Params, Params]:
     """`(model, trainable, frozen)` from a diffusers folder or from config dicts.
 
@@ -370,42 +266,24 @@ def flux_model(
     give random weights from `rng`, which also seeds the LoRA factors.
     `text_cache` (with a folder only) is a `launch/embed_prompts.py` file read
     instead of the text encoders: it must have been written for this folder
-    and T5 length, and hold every prompt the run uses.
+    and T5 length, and hold every prompt the run uses. `options` are
+    `dit.pipeline.BuildOptions` (dtype, sharding_fn, variant, attention,
+    remat, max_sequence_length).
     """
-    rng = jax.random.key(0) if rng is None else rng
-    if not isinstance(source, str):
-        if text_cache:
-            raise ConfigError("model.text_cache needs model.init to be the diffusers folder")
-        mods = modules_from_configs(
-            source, dtype, attention=attention, remat=remat, max_sequence_length=max_sequence_length
-        )
-        model = model_from_modules(mods, resolution=resolution, lora=lora, guidance=guidance)
-        return (model, *model.init(rng))
-    mods, params = load_flux(
-        source,
-        dtype=dtype,
-        sharding_fn=sharding_fn,
-        variant=variant,
-        attention=attention,
-        remat=remat,
-        max_sequence_length=max_sequence_length,
-        with_text=not text_cache,
+    make = functools.partial(
+        model_from_modules, resolution=resolution, lora=lora, guidance=guidance
     )
-    frozen = {"vae": params["vae"]}
-    kw = dict(resolution=resolution, lora=lora, guidance=guidance)
-    if text_cache:
-        expect = text_cache_lib.stack_identity("flux", source, max_sequence_length)
-        with text_cache_lib.TextCache(text_cache, expect=expect) as cache:
-            tables = text_cache_lib.cache_tables(cache, sharding_fn)
-            model = model_from_modules(
-                mods, cache_tables=tables, tokenize=text_cache_lib.CacheTokenizer(cache), **kw
-            )
-        frozen["text_cache"] = tables
-    else:
-        model = model_from_modules(mods, **kw)
-        frozen["text"] = params["text"]
-    trainable, frozen = split_params(params["transformer"], frozen, lora, rng)
-    return model, trainable, frozen
+    return dit_pipeline.assemble(
+        "flux",
+        source,
+        modules_from_configs,
+        load_flux,
+        make,
+        rng=rng,
+        lora=lora,
+        text_cache=text_cache,
+        **options,
+    )
 
 
 def flux_from_config(
@@ -422,37 +300,14 @@ def flux_from_config(
     tokens; 0 or unset: 512), `text_cache` (a `launch/embed_prompts.py`
     file; "" runs the encoders). A `prediction_type` other than "flow" is refused.
     """
-    asked = cfg.get("prediction_type", None)
-    if asked not in (None, "flow"):
-        raise ConfigError(
-            f"config.model.prediction_type={asked!r}: FLUX predicts the flow velocity ('flow')"
-        )
     guidance = cfg.get("guidance", None)
-    kw = dict(
-        rng=rng,
-        dtype=text_cache_lib.jnp_dtype(cfg.get("dtype", "float32")),
-        resolution=cfg.get("resolution", None),
-        lora=lora_lib.spec_from_config(cfg.get("lora", None), FLUX_ATTENTION_TARGETS),
+    return dit_pipeline.model_from_config(
+        cfg,
+        rng,
+        sharding_fn,
+        family="FLUX",
+        targets=FLUX_ATTENTION_TARGETS,
+        preset=preset,
+        build=flux_model,
         guidance=DEFAULT_GUIDANCE if guidance is None else float(guidance),
-        attention=cfg.get("attention", "auto"),
-        remat=cfg.get("remat", "none"),
-        max_sequence_length=cfg.get("max_sequence_length", None) or None,
-        text_cache=cfg.get("text_cache", None) or None,
     )
-    init = cfg.get("init", "random")
-    if init == "random":
-        try:
-            configs = preset(cfg.get("preset", "tiny"))
-        except ValueError as err:
-            raise ConfigError(f"config.model.preset: {err}") from None
-        for key in ("transformer", "vae"):
-            configs[key].update(dict(cfg.get(key, None) or {}))
-        try:
-            return flux_model(configs, **kw)
-        except UserError:
-            raise
-        except ValueError as err:  # a config dict the modules refuse
-            raise ConfigError(f"config.model: {err}") from None
-    if not os.path.isdir(init):
-        raise WeightsError(f"config.model.init={init!r} is neither 'random' nor a diffusers folder")
-    return flux_model(init, sharding_fn=sharding_fn, variant=cfg.get("variant", None), **kw)

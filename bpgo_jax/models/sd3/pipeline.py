@@ -17,7 +17,7 @@ guidance batches it with the negative prompt's (`sample.negative_prompt`,
 from __future__ import annotations
 
 import dataclasses
-import os
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,17 +26,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bpgo_jax.errors import ConfigError, WeightsError
-from bpgo_jax.models import lora as lora_lib
-from bpgo_jax.models import text_cache as text_cache_lib
-from bpgo_jax.models import text_stacks, weights
+from bpgo_jax.errors import ConfigError
+from bpgo_jax.models import text_stacks
 from bpgo_jax.models.clip import CLIPTextModel
 from bpgo_jax.models.clip.config import text_config_from_dict
+from bpgo_jax.models.dit import pipeline as dit_pipeline
 from bpgo_jax.models.interface import DiffusionModel
 from bpgo_jax.models.lora import LoraSpec
 from bpgo_jax.models.sd.config import vae_config_from_dict
 from bpgo_jax.models.sd.loader import load_vae, vae_inputs
-from bpgo_jax.models.sd.pipeline import random_params
 from bpgo_jax.models.sd.vae import AutoencoderKL
 from bpgo_jax.models.sd3 import schedule
 from bpgo_jax.models.sd3.config import sd3_config_from_dict
@@ -107,18 +105,10 @@ def model_from_modules(
             f"resolution={size} is {side // t.patch_size} patches a side, more than the "
             f"transformer's pos_embed_max_size={t.pos_embed_max_size}"
         )
-    if (m.text is None) != (cache_tables is not None):
-        raise ValueError("give either a text stack or text-cache tables, not both or neither")
     latent_shape = (side, side, t.in_channels)
-    dtype = m.transformer.dtype
-
-    def encode_text(frozen: Params, tokens: jax.Array) -> dict[str, jax.Array]:
-        if m.text is not None:
-            return m.text.encode(frozen["text"], tokens)
-        return text_cache_lib.gather(frozen["text_cache"], tokens)
 
     def predict(trainable, frozen, x, timestep, cond):
-        params = lora_lib.unet_params(trainable, frozen, lora, key="transformer")
+        params = dit_pipeline.transformer_params(trainable, frozen, lora)
         out = m.transformer.apply(
             {"params": params},
             x,
@@ -131,27 +121,9 @@ def model_from_modules(
     def decode(frozen: Params, latents: jax.Array) -> jax.Array:
         return m.vae.apply({"params": frozen["vae"]}, latents, method="decode_images")
 
-    def init(rng: jax.Array) -> tuple[Params, Params]:
-        k_text, k_transformer, k_vae, k_lora = jax.random.split(rng, 4)
-        net = random_params(m.transformer, k_transformer, dtype, *example_inputs(t))
-        frozen = {"vae": random_params(m.vae, k_vae, dtype, *vae_inputs(v))}
-        if m.text is not None:
-            frozen["text"] = m.text.init(k_text, dtype)
-        else:
-            frozen["text_cache"] = dict(cache_tables)
-        return lora_lib.split_params(net, frozen, lora, k_lora, key="transformer")
-
-    return DiffusionModel(
-        name="sd3",
-        latent_shape=latent_shape,
-        prediction_type="flow",
-        tokenize=m.text.tokenizer if m.text is not None else tokenize,
-        encode_text=encode_text,
-        predict=predict,
-        decode=decode,
-        init=init,
-        scheduler_config=dict(m.scheduler),
-    )
+    parts = (m.transformer, example_inputs(t)), (m.vae, vae_inputs(v))
+    functions = (latent_shape, predict, decode)
+    return dit_pipeline.flow_model("sd3", m, parts, functions, lora, (cache_tables, tokenize))
 
 
 # ---------------------------------------------------------------- building
@@ -178,20 +150,16 @@ def _random_text(configs: dict, dtype: Any, attention: str, length: int) -> text
     )
 
 
-def modules_from_configs(
-    configs: dict,
-    dtype: Any = jnp.float32,
-    *,
-    attention: str = "auto",
-    remat: str = "none",
-    max_sequence_length: int | None = None,
-) -> SD3Modules:
+def modules_from_configs(configs: dict, dtype: Any = jnp.float32, **options: Any) -> SD3Modules:
     """Modules (random weights) from `{"transformer", "vae", "text_encoder", "text_encoder_2",
-    "text_encoder_3" (or None: no T5), "scheduler"}` config dicts, e.g. `presets.preset(...)`."""
+    "text_encoder_3" (or None: no T5), "scheduler"}` config dicts, e.g. `presets.preset(...)`;
+    `options`: `attention`, `remat`, `max_sequence_length` (`dit.pipeline.BuildOptions`)."""
+    o = dit_pipeline.options_of(options)
+    attention, remat = o.attention, o.remat
     for key in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler"):
         if key not in configs:
             raise ValueError(f"SD3 configs lack the {key!r} config dict")
-    length = text_stacks.resolve_max_sequence_length("sd3", max_sequence_length)
+    length = text_stacks.resolve_max_sequence_length("sd3", o.max_sequence_length)
     return SD3Modules(
         transformer=SD3Transformer2DModel(
             sd3_config_from_dict(dict(configs["transformer"])),
@@ -205,77 +173,45 @@ def modules_from_configs(
     )
 
 
-def _check_folder(folder: str) -> None:
-    if not os.path.isdir(folder):
-        raise WeightsError(f"missing folder {folder} (an SD3 diffusers pipeline folder)")
-    weights.check_pipeline_index(folder, _COMPONENTS, "SD3")
+FAMILY = dit_pipeline.Family(
+    kind="sd3",
+    name="SD3",
+    components=_COMPONENTS,
+    load_transformer=dit_pipeline.in_subfolder(load_transformer, "transformer"),
+    load_vae=dit_pipeline.in_subfolder(load_vae, "vae"),
+    parse_scheduler=schedule.check_scheduler_config,
+    modules=SD3Modules,
+)
 
 
 def load_sd3(
     folder: str,
     *,
-    dtype: Any = jnp.float32,
-    sharding_fn: weights.ShardingFn | None = None,
-    variant: str | None = None,
-    attention: str = "auto",
-    remat: str = "none",
-    max_sequence_length: int | None = None,
     clip_skip: int | None = None,
     with_text: bool = True,
+    **options: Any,
 ) -> tuple[SD3Modules, dict]:
     """Every component of a diffusers SD3 / SD3.5 folder -> `(modules, params)`.
 
-    `params` = {"transformer", "vae"[, "text"]}; `sharding_fn(path, shape)`
-    gets paths starting with those names. `with_text=False` skips the text
-    encoders (a run reading a text cache).
+    `params` = {"transformer", "vae"[, "text"]}; `options` are
+    `dit.pipeline.BuildOptions` (dtype, sharding_fn, variant, attention,
+    remat, max_sequence_length). `with_text=False` skips the text encoders
+    (a run reading a text cache).
     """
-    _check_folder(folder)
-    transformer, t_params = load_transformer(
-        os.path.join(folder, "transformer"),
-        dtype=dtype,
-        sharding_fn=sharding_fn,
-        variant=variant,
-        attention=attention,
-        remat=remat,
+    return dit_pipeline.load_components(
+        FAMILY, folder, with_text=with_text, text_kw={"clip_skip": clip_skip}, **options
     )
-    vae, v_params = load_vae(
-        os.path.join(folder, "vae"), dtype=dtype, sharding_fn=sharding_fn, variant=variant
-    )
-    raw = weights.read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
-    try:
-        sched = schedule.check_scheduler_config(raw, f"{folder}/scheduler/scheduler_config.json")
-    except ConfigError as err:
-        raise WeightsError(str(err)) from None
-    params = {"transformer": t_params, "vae": v_params}
-    stack = None
-    if with_text:
-        stack, params["text"] = text_stacks.load_text_stack(
-            "sd3",
-            folder,
-            max_sequence_length=max_sequence_length,
-            dtype=dtype,
-            sharding_fn=weights.prefixed(sharding_fn, "text"),
-            variant=variant,
-            clip_skip=clip_skip,
-            attention=attention,
-        )
-    return SD3Modules(transformer, vae, stack, sched), params
 
 
 def sd3_model(
     source: str | dict,
     *,
     rng: jax.Array | None = None,
-    dtype: Any = jnp.float32,
     resolution: int | None = None,
     lora: LoraSpec | None = None,
-    sharding_fn: weights.ShardingFn | None = None,
-    variant: str | None = None,
-    attention: str = "auto",
-    remat: str = "none",
-    max_sequence_length: int | None = None,
     clip_skip: int | None = None,
     text_cache: str | None = None,
+    **options: Any,
 ) -> tuple[DiffusionModel, Params, Params]:
     """`(model, trainable, frozen)` from a diffusers folder or from config dicts.
 
@@ -284,47 +220,23 @@ def sd3_model(
     `text_cache` (a folder's only) is a `launch/embed_prompts.py` file read
     instead of the text encoders: it must have been written for this
     folder, T5 length and `clip_skip`, and hold every prompt the run uses.
+    `options` are `dit.pipeline.BuildOptions` (dtype, sharding_fn, variant,
+    attention, remat, max_sequence_length).
     """
-    rng = jax.random.key(0) if rng is None else rng
-    if not isinstance(source, str):
-        if text_cache:
-            raise ConfigError("model.text_cache needs model.init to be the diffusers folder")
-        mods = modules_from_configs(
-            source, dtype, attention=attention, remat=remat, max_sequence_length=max_sequence_length
-        )
-        model = model_from_modules(mods, resolution=resolution, lora=lora)
-        return (model, *model.init(rng))
-    mods, params = load_sd3(
+    make = functools.partial(model_from_modules, resolution=resolution, lora=lora)
+    load = functools.partial(load_sd3, clip_skip=clip_skip)
+    return dit_pipeline.assemble(
+        "sd3",
         source,
-        dtype=dtype,
-        sharding_fn=sharding_fn,
-        variant=variant,
-        attention=attention,
-        remat=remat,
-        max_sequence_length=max_sequence_length,
+        modules_from_configs,
+        load,
+        make,
+        rng=rng,
+        lora=lora,
         clip_skip=clip_skip,
-        with_text=not text_cache,
+        text_cache=text_cache,
+        **options,
     )
-    frozen = {"vae": params["vae"]}
-    if text_cache:
-        expect = text_cache_lib.stack_identity("sd3", source, max_sequence_length, clip_skip)
-        with text_cache_lib.TextCache(text_cache, expect=expect) as cache:
-            tables = text_cache_lib.cache_tables(cache, sharding_fn)
-            model = model_from_modules(
-                mods,
-                resolution=resolution,
-                lora=lora,
-                cache_tables=tables,
-                tokenize=text_cache_lib.CacheTokenizer(cache),
-            )
-        frozen["text_cache"] = tables
-    else:
-        model = model_from_modules(mods, resolution=resolution, lora=lora)
-        frozen["text"] = params["text"]
-    trainable, frozen = lora_lib.split_params(
-        params["transformer"], frozen, lora, rng, key="transformer"
-    )
-    return model, trainable, frozen
 
 
 def sd3_from_config(
@@ -341,37 +253,13 @@ def sd3_from_config(
     `launch/embed_prompts.py` file; "" runs the encoders). A
     `prediction_type` other than "flow" is refused.
     """
-    asked = cfg.get("prediction_type", None)
-    if asked not in (None, "flow"):
-        raise ConfigError(
-            f"config.model.prediction_type={asked!r}: SD3 predicts the flow velocity ('flow')"
-        )
-    dtype = text_cache_lib.jnp_dtype(cfg.get("dtype", "float32"))
-    kw = dict(
-        rng=rng,
-        dtype=dtype,
-        resolution=cfg.get("resolution", None),
-        lora=lora_lib.spec_from_config(cfg.get("lora", None), SD3_ATTENTION_TARGETS),
-        attention=cfg.get("attention", "auto"),
-        remat=cfg.get("remat", "none"),
-        max_sequence_length=cfg.get("max_sequence_length", None) or None,
+    return dit_pipeline.model_from_config(
+        cfg,
+        rng,
+        sharding_fn,
+        family="SD3",
+        targets=SD3_ATTENTION_TARGETS,
+        preset=preset,
+        build=sd3_model,
         clip_skip=cfg.get("clip_skip", None),
-    )
-    init = cfg.get("init", "random")
-    if init == "random":
-        try:
-            configs = preset(cfg.get("preset", "tiny"))
-        except ValueError as err:
-            raise ConfigError(f"config.model.preset: {err}") from None
-        for key in ("transformer", "vae"):
-            configs[key].update(dict(cfg.get(key, None) or {}))
-        return sd3_model(configs, text_cache=cfg.get("text_cache", None) or None, **kw)
-    if not os.path.isdir(init):
-        raise WeightsError(f"config.model.init={init!r} is neither 'random' nor a diffusers folder")
-    return sd3_model(
-        init,
-        sharding_fn=sharding_fn,
-        variant=cfg.get("variant", None),
-        text_cache=cfg.get("text_cache", None) or None,
-        **kw,
     )

@@ -4,9 +4,19 @@ module, params = load_wan_transformer("Wan2.1-T2V-1.3B-Diffusers")
 module, params = load_wan_transformer("Wan2.2-T2V-A14B-Diffusers", expert="transformer_2")
 module, params = init_wan_transformer(preset("tiny")["transformer"], jax.random.key(0))
 vae, vae_params, vae_config = load_wan_vae("Wan2.1-T2V-1.3B-Diffusers")
+model, trainable, frozen = wan_model("Wan2.1-T2V-1.3B-Diffusers", num_frames=81)  # T2V
 """
 
 from bpgo_jax.models.wan.config import IMAGE_LEN, TEXT_LEN, WanConfig, wan_config_from_dict
+
+# The T2V `DiffusionModel` last: it builds on every module above.
+from bpgo_jax.models.wan.pipeline import (  # noqa: E402
+    WAN_ATTENTION_TARGETS,
+    WanModules,
+    load_wan,
+    wan_from_config,
+    wan_model,
+)
 from bpgo_jax.models.wan.presets import (
     PRESETS,
     AbstractCall,
@@ -67,4 +77,9 @@ __all__ = [
     "wan_config_from_dict",
     "wan_rope",
     "wan_transformer",
+    "WAN_ATTENTION_TARGETS",
+    "WanModules",
+    "load_wan",
+    "wan_from_config",
+    "wan_model",
 ]
