@@ -30,7 +30,7 @@ pytest.importorskip("diffusers")
 from test_sd_parity import SD1_UNET, _save_pipeline  # noqa: E402  (same tests/ folder)
 
 from bpgo_jax.config import batch_layout  # noqa: E402
-from bpgo_jax.configs import sd_aesthetic, sd_pickscore, sd_tiny_test  # noqa: E402
+from bpgo_jax.configs import sd_aesthetic, sd_jpeg, sd_pickscore, sd_tiny_test  # noqa: E402
 from bpgo_jax.models.sd import sd_from_config  # noqa: E402
 from bpgo_jax.parallel import mesh as mesh_lib  # noqa: E402
 from bpgo_jax.prompts import load_prompts  # noqa: E402
@@ -163,13 +163,13 @@ def test_sd_configs_describe_a_ddpo_like_run(name):
     assert not set(held_out) & set(load_prompts(c.prompts.path).prompts)
 
 
-@pytest.mark.parametrize("name", [*SD_CONFIGS, "sd_tiny_test"])
+@pytest.mark.parametrize("name", [*SD_CONFIGS, "sd_tiny_test", "sd_jpeg"])
 def test_docstring_commands_use_existing_fields(name):
     """Every `--config.x.y=` in a config's docstring names a field the config has."""
-    module = {**SD_CONFIGS, "sd_tiny_test": sd_tiny_test}[name]
+    module = {**SD_CONFIGS, "sd_tiny_test": sd_tiny_test, "sd_jpeg": sd_jpeg}[name]
     c = module.get_config()
     flags = re.findall(r"--config\.([\w.]+)=", module.__doc__)
-    assert "model.init" in flags
+    assert "model.init" in flags or c.model.init == "random"
     for flag in flags:
         node = c
         for part in flag.split("."):

@@ -21,8 +21,8 @@ The noise schedule and prediction type come from the folder's
   SD 2.x (768 px, v-prediction): nothing: resolution and schedule follow the folder
   fewer accelerators:            --config.train.micro_batch_size=8  (per-device
                                  memory; must stay divisible by the device count)
-  weight-free throughput run:    --config.model.init=random --config.model.preset=sd15
 
+A weight-free run of the same setting (random model, JPEG reward): configs/sd_jpeg.py.
 docs/models.md covers the folder layout, converting .bin/.ckpt weights,
 LoRA, sharding rules and bf16.
 """
