@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -59,8 +60,13 @@ class Job:
         self.logs = [tmp_path / f"{name}-{i}.log" for i in range(PROCESSES)]
         env = {
             **os.environ,
-            # The config file imports jax: devices come from XLA_FLAGS, not --cpu_devices.
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            # The config file imports jax: devices come from XLA_FLAGS, not --cpu_devices
+            # (the other flags stay the tests', tests/conftest.py).
+            "XLA_FLAGS": re.sub(
+                r"--xla_force_host_platform_device_count=\d+",
+                "--xla_force_host_platform_device_count=2",
+                os.environ["XLA_FLAGS"],
+            ),
             # Every program goes to the tests' compilation cache (`--compile_cache=`
             # leaves JAX's cache settings to the environment, tests/conftest.py's).
             # Only process 0 writes it (process 1's CPU cache keys differ: it compiles).
