@@ -267,11 +267,19 @@ def build_run(
 
 
 def _initial_prior(run: Run) -> prior_lib.PriorState:
+    """The prior before any epoch; a resumed run restores its checkpointed one instead."""
     config = run.config
+    values = None
+    if config.prior.kind == "fixed":
+        values = run.prompts.priors
+    elif config.prior.kind == "first_frame":
+        from bpgo_jax.priors.first_frame import run_first_frame_priors
+
+        values = run_first_frame_priors(run)
     return prior_lib.init_prior_state(
         len(run.prompts),
         kind=config.prior.kind,
-        fixed_values=run.prompts.priors if config.prior.kind == "fixed" else None,
+        fixed_values=values,
         init_value=config.prior.init_value,
     )
 
@@ -400,7 +408,10 @@ def load_policy(
         trainable=skip(params) if ema else params,
         opt_state=skip(jax.eval_shape(make_optimizer(config.train).init, params)),
         ema=kept_ema,
-        prior=skip(jax.eval_shape(functools.partial(_initial_prior, run))),
+        # Every prior kind has this structure (and the first-frame one would score).
+        prior=skip(
+            jax.eval_shape(lambda: prior_lib.init_prior_state(len(run.prompts), kind="reference"))
+        ),
         rng=ocp.PLACEHOLDER,
     )
     restored = Checkpointer(directory, keep=1, use_async=False, read_only=True).restore_latest(like)

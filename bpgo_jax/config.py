@@ -33,7 +33,7 @@ from bpgo_jax.rollout import schedules
 __all__ = ["ConfigError", "batch_layout", "check_inputs", "validate"]
 
 ADVANTAGE_METHODS = ("bpgo", "grpo", "ddpo_tracker")
-PRIOR_KINDS = ("fixed", "moving_average", "reference")
+PRIOR_KINDS = ("fixed", "moving_average", "reference", "first_frame")
 FLOW_NOISE = schedules.FLOW_NOISE
 MODEL_NAMES = ("tiny_unet", "sd", "flux", "sd3", "wan")
 PREDICTION_TYPES = ("flow", "epsilon", "v_prediction", "sample")
@@ -434,7 +434,7 @@ def _check_dit(config: ml_collections.ConfigDict) -> None:
         "written for, not 'random'",
     )
     if name == "wan":
-        _check_wan(model)
+        _check_wan(model, config)
     if name == "flux":
         guidance = model.get("guidance", 3.5)
         _check(
@@ -444,8 +444,9 @@ def _check_dit(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _check_wan(model: ml_collections.ConfigDict) -> None:
-    """Wan2.1 T2V: `1 + 4k` frames (the VAE's causal chunks), a text-to-video preset."""
+def _check_wan(model: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+    """Wan: `1 + 4k` frames (the VAE's causal chunks); text-to-video presets, or
+    image-to-video with conditioning prompts (`model.condition_prompts`)."""
     frames = model.get("num_frames", 81)
     _check(
         _is_int(frames) and frames >= 1 and (frames - 1) % 4 == 0,
@@ -457,15 +458,49 @@ def _check_wan(model: ml_collections.ConfigDict) -> None:
         _is_int(chunk) and chunk >= 0,
         f"model.vae_batch_chunk={chunk!r} must be an integer >= 0 (0: decode every video at once)",
     )
+    i2v = bool(model.get("condition_prompts", ""))
     if model.get("init", "random") == "random":
         from bpgo_jax.models.wan.presets import PRESETS
 
-        preset = PRESETS.get(model.get("preset", "tiny"), {})
+        name = model.get("preset", "tiny")
+        preset = PRESETS.get(name, {})
+        if i2v:
+            _check(
+                name == "wan22_i2v_a14b",
+                f"model.preset={name!r}: image-to-video with random weights builds "
+                "'wan22_i2v_a14b' (Wan2.1 I2V needs a folder with its CLIP image encoder)",
+            )
+        else:
+            _check(
+                preset.get("transformer_2") is None and not preset.get("expand_timesteps"),
+                f"model.preset={name!r} is a Wan2.2 model (two experts or per-token "
+                "timesteps); text-to-video trains Wan2.1, image-to-video needs "
+                "model.condition_prompts",
+            )
+    if config.prior.kind == "first_frame":
         _check(
-            preset.get("transformer_2") is None and not preset.get("expand_timesteps"),
-            f"model.preset={model.get('preset')!r} is a Wan2.2 model (two experts or per-token "
-            "timesteps); model.name='wan' trains Wan2.1 text-to-video",
+            i2v,
+            "prior.kind='first_frame' scores each prompt's conditioning frame: it needs an "
+            "image-to-video model (model.condition_prompts)",
         )
+    if not i2v:
+        return
+    _check(
+        config.sample.guidance_scale == 1.0,
+        f"sample.guidance_scale={config.sample.guidance_scale!r} must be 1.0 for image-to-video: "
+        "the model guides each expert itself (model.guidance_scales); both would guide twice",
+    )
+    experts = tuple(model.get("lora", {}).get("experts", ()) or ())
+    _check(
+        set(experts) <= {"transformer", "transformer_2"},
+        f"model.lora.experts={experts!r} must name 'transformer' and/or 'transformer_2' "
+        "(empty: every expert)",
+    )
+    _check(
+        not model.get("text_cache", ""),
+        "model.text_cache is not read by image-to-video runs (the prompt rows carry the "
+        "conditioning images): set it to ''",
+    )
 
 
 def _check_kernels(model: ml_collections.ConfigDict) -> None:

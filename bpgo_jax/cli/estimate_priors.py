@@ -7,8 +7,10 @@
 
 Uses the latest checkpoint in --workdir (or, with --base_weights, the
 config's initial weights) and the config's training reward; writes nothing to
-the workdir. The output is the prompt file with a `prior` field on every
-line; train with it through
+the workdir. With --first_frame (image-to-video configs), each prior is
+instead the reward of a static clip of the prompt's conditioning image
+(`priors.first_frame`), and no rollout is sampled. The output is the prompt
+file with a `prior` field on every line; train with it through
 `--config.prompts.path=prompts_with_priors.jsonl --config.prior.kind=fixed`.
 """
 
@@ -26,6 +28,9 @@ _BASE = flags.DEFINE_bool("base_weights", False, "Use the config's initial weigh
 _K = flags.DEFINE_integer("k", 8, "Rollouts per prompt.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output .jsonl prompt file with priors.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N prompts (0: all).")
+_FIRST = flags.DEFINE_bool(
+    "first_frame", False, "Priors of static clips of the prompts' conditioning images (I2V)."
+)
 _CACHE = runtime.define_compile_cache_flag()
 _CPU_DEVICES = runtime.define_cpu_devices_flag()
 flags.adopt_module_key_flags(runtime)  # list them in --help
@@ -43,7 +48,6 @@ def main(argv):
     from bpgo_jax.build import load_policy
     from bpgo_jax.checkpoint import atomic_write
     from bpgo_jax.errors import UserError
-    from bpgo_jax.rollout.step import to_host
 
     if not _WORKDIR.value and not _BASE.value:
         raise UserError("give --workdir (a training run) or --base_weights")
@@ -57,17 +61,12 @@ def main(argv):
     policy = load_policy(config, _WORKDIR.value, base_weights=_BASE.value, use_ema=False)
     run, prompts = policy.run, policy.run.prompts
     n = min(_LIMIT.value or len(prompts), len(prompts))
-    count = -(-n // (bs // k)) * (bs // k)
-    rollout = run.generate(
-        np.arange(count) % len(prompts),
-        prompts,
-        per_prompt=k,
-        trainable=policy.trainable,
-        epoch_key=jax.device_put(jax.random.key_data(jax.random.key(12345)), run.replicated),
-        desc="prior rollouts",
-    )
-    total = to_host(run.rewards.total(rollout.scores))
-    priors = total.reshape(count, k).mean(axis=1)[:n]
+    if _FIRST.value:
+        from bpgo_jax.priors.first_frame import run_first_frame_priors
+
+        priors = run_first_frame_priors(run, n)
+    else:
+        priors = _rollout_priors(run, policy, n, k, bs)
     if not np.all(np.isfinite(priors)):
         bad = np.flatnonzero(~np.isfinite(priors))[:8].tolist()
         raise UserError(f"non-finite rewards for prompt ids {bad}: no priors written")
@@ -86,6 +85,26 @@ def main(argv):
     ]
     atomic_write(out, "".join(line + "\n" for line in lines))
     print(f"wrote {n} priors (mean {priors.mean():.4f}, std {priors.std():.4f}) to {out}")
+
+
+def _rollout_priors(run, policy, n: int, k: int, bs: int):
+    """The mean reward of `k` rollouts of each of the first `n` prompts."""
+    import jax
+    import numpy as np
+
+    from bpgo_jax.rollout.step import to_host
+
+    count = -(-n // (bs // k)) * (bs // k)
+    rollout = run.generate(
+        np.arange(count) % len(run.prompts),
+        run.prompts,
+        per_prompt=k,
+        trainable=policy.trainable,
+        epoch_key=jax.device_put(jax.random.key_data(jax.random.key(12345)), run.replicated),
+        desc="prior rollouts",
+    )
+    total = to_host(run.rewards.total(rollout.scores))
+    return total.reshape(count, k).mean(axis=1)[:n]
 
 
 def run() -> None:

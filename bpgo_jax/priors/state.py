@@ -1,8 +1,11 @@
 """Per-prompt prior anchors R_prior as an explicit, jittable, checkpointable pytree.
 
-Three kinds (`kind` is static configuration):
+Four kinds (`kind` is static configuration):
   fixed          - offline values, e.g. the prompt file's per-prompt `prior`
                    (mean reward of K base-model rollouts); never updated.
+  first_frame    - image-to-video: the reward of a static clip of each prompt's
+                   conditioning frame (`priors.first_frame`), computed once at
+                   the start; then kept as `fixed` is.
   moving_average - EMA of the prompt's past group-mean rewards (BPGO's T2I setup).
   reference      - running mean of the frozen reference policy's rewards for
                    the prompt (BPGO's T2V setup); `needs_reference` tells the
@@ -23,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("fixed", "moving_average", "reference")
+KINDS = ("fixed", "moving_average", "reference", "first_frame")
+STATIC_KINDS = ("fixed", "first_frame")  # values given at init, never updated
 
 
 class PriorState(NamedTuple):
@@ -65,13 +69,17 @@ def init_prior_state(
     fixed_values: np.ndarray | None = None,
     init_value: float = 0.0,
 ) -> PriorState:
-    """Fresh state for `num_prompts` prompt ids; `fixed_values` [P] is required for "fixed"."""
+    """Fresh state for `num_prompts` prompt ids; `fixed_values` [P] is required for the
+    `STATIC_KINDS` ("fixed": the prompt file's priors, "first_frame": `first_frame_priors`)."""
     _check_kind(kind)
     if num_prompts < 1:
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
-    if kind == "fixed":
+    if kind in STATIC_KINDS:
         if fixed_values is None:
-            raise ValueError("kind='fixed' needs fixed_values (the prompts' `prior` field)")
+            raise ValueError(
+                f"kind={kind!r} needs fixed_values (the prompts' `prior` field, or the "
+                "first-frame rewards)"
+            )
         v = np.asarray(fixed_values, dtype=np.float32)
         if v.shape != (num_prompts,):
             raise ValueError(f"fixed_values must have shape [{num_prompts}], got {v.shape}")
@@ -85,7 +93,9 @@ def init_prior_state(
             global_count=jnp.asarray(num_prompts, jnp.int32),
         )
     if fixed_values is not None:
-        raise ValueError(f"fixed_values is only used with kind='fixed', got kind={kind!r}")
+        raise ValueError(
+            f"fixed_values is only used with kind='fixed' or 'first_frame', got kind={kind!r}"
+        )
     return PriorState(
         values=jnp.full(num_prompts, init_value, jnp.float32),
         counts=jnp.zeros(num_prompts, jnp.int32),
@@ -140,11 +150,11 @@ def update(
     value <- decay * value + (1 - decay) * mean; the global value is the same
     EMA of the batch's mean of group means. reference: `group_mean_rewards`
     must come from the reference policy; values become running means
-    (weighted by groups seen), and so does the global value. fixed: unchanged.
+    (weighted by groups seen), and so does the global value. fixed, first_frame: unchanged.
     Ids outside [0, P) are dropped.
     """
     _check_kind(kind)
-    if kind == "fixed":
+    if kind in STATIC_KINDS:
         return state
     if kind == "moving_average":
         if decay is None:

@@ -174,19 +174,25 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """`pixel_values [B, H, W, C] -> (last_hidden_state [B, N+1, D], pooled [B, D])`."""
+    """`pixel_values [B, H, W, C] -> (last_hidden_state [B, N+1, D], pooled [B, D])`.
+
+    `output_hidden_states=True` appends transformers' `hidden_states` (the
+    pre-layernormed embeddings, then each layer's output): `[-2]` is what
+    WanImageToVideoPipeline's `encode_image` feeds Wan2.1 I2V's image branch."""
 
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, pixels: jax.Array, output_hidden_states: bool = False) -> tuple:
         ln = functools.partial(nn.LayerNorm, epsilon=self.cfg.layer_norm_eps, dtype=self.dtype)
         x = VisionEmbeddings(self.cfg, self.dtype, name="embeddings")(pixels)
         x = ln(name="pre_layrnorm")(x)  # sic: the transformers name
-        x = Encoder(self.cfg, False, self.dtype, self.attention, name="encoder")(x)
-        return x, ln(name="post_layernorm")(x[:, 0])
+        encoder = Encoder(self.cfg, False, self.dtype, self.attention, name="encoder")
+        x, hidden = encoder(x, output_hidden_states=True)
+        pooled = ln(name="post_layernorm")(x[:, 0])
+        return (x, pooled, hidden) if output_hidden_states else (x, pooled)
 
 
 def _projection(width: int, dtype: Dtype, name: str) -> nn.Dense:
@@ -227,12 +233,13 @@ class CLIPVisionModel(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, pixels: jax.Array, output_hidden_states: bool = False) -> tuple:
+        """`(last_hidden_state, pooled or image_embeds[, hidden_states])`."""
         tower = VisionTransformer(self.cfg, self.dtype, self.attention, name="vision_model")
-        hidden, pooled = tower(pixels)
+        hidden, pooled, states = tower(pixels, output_hidden_states=True)
         if self.with_projection:
             pooled = _projection(self.cfg.projection_dim, self.dtype, "visual_projection")(pooled)
-        return hidden, pooled
+        return (hidden, pooled, states) if output_hidden_states else (hidden, pooled)
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:

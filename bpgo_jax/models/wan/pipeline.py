@@ -306,7 +306,23 @@ def wan_from_config(
     `lora` (default targets `WAN_ATTENTION_TARGETS`), `attention`, `remat`,
     `max_sequence_length` (0: 512), `text_cache`), plus `num_frames` (1 + 4k;
     default 81) and `vae_batch_chunk` (videos decoded at a time; 0: all).
+    With `condition_prompts` set, the model is image-to-video
+    (`i2v.wan_i2v_from_config`); a WanImageToVideoPipeline folder needs them.
     """
+    init = cfg.get("init", "random")
+    if cfg.get("condition_prompts", None):
+        from bpgo_jax.models.wan.i2v import wan_i2v_from_config
+
+        return wan_i2v_from_config(cfg, rng, sharding_fn)
+    if init != "random" and os.path.isdir(init):
+        from bpgo_jax.models.wan.i2v import is_i2v_folder
+
+        if is_i2v_folder(init):
+            raise ConfigError(
+                f"config.model.init={init} is a WanImageToVideoPipeline folder: set "
+                'config.model.condition_prompts to the prompt files whose "image" fields '
+                "condition it"
+            )
     return dit_pipeline.model_from_config(
         cfg,
         rng,
