@@ -45,7 +45,6 @@ from collections.abc import Callable
 from typing import Any
 
 from absl import flags
-from jaxpr_flops import matmul_flops  # benchmarks/jaxpr_flops.py, beside this script
 from ml_collections import config_flags
 
 from bpgo_jax import runtime
@@ -60,21 +59,6 @@ PRESETS = (
     "flux_tiny",
     "sd3_tiny",
 )
-# Dense bf16 peak TFLOP/s per device, by a substring of `device.device_kind`.
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10G": 70.0,
-    "B200": 2250.0,
-    "TPU v6": 918.0,
-    "TPU v5p": 459.0,
-    "TPU v5": 197.0,  # v5e ("TPU v5 lite")
-    "TPU v4": 275.0,
-}
-
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run config (sampler, optimiser, mesh); default: the shared defaults."
 )
@@ -88,21 +72,14 @@ _ATTENTION = flags.DEFINE_string("attention", "auto", "model.attention: auto|xla
 _DEVICES = flags.DEFINE_integer("devices", 1, "Devices to compile for (fake CPU devices on CPU).")
 _RUN = flags.DEFINE_bool("run", False, "Also allocate random weights and time both steps.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per step with --run.")
-_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU; 0: by kind.")
+_PEAK = flags.DEFINE_float(
+    "peak_tflops", 0.0, "Peak TFLOP/s per device for MFU; 0: by kind (parallel/aot.py)."
+)
 flags.adopt_module_key_flags(runtime)
-
-
-def _gib(n: float) -> str:
-    """Bytes in GiB, or MiB below one GiB."""
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _num(n: float) -> str:
     return f"{n:,}"
-
-
-def _tflop(n: float) -> str:
-    return f"{n / 1e12:.2f} TFLOP ({n:.4e})"
 
 
 def _count(tree: Any) -> int:
@@ -112,104 +89,54 @@ def _count(tree: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def _bytes(tree: Any) -> int:
-    import jax
-    import numpy as np
-
-    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
-
-
 # ---------------------------------------------------------------- the model
 
 
-def _model_config(preset_name: str):
-    """`(family module, preset configs, default sample overrides)` of a preset name."""
+def _model_config(preset_name: str) -> tuple[Any, dict]:
+    """`(config.model block, default sample overrides)` of a preset name and the flags."""
+    import ml_collections
+
     family, _, size = preset_name.partition("_")
     if family == "flux":
-        from bpgo_jax.models import flux
-
         # Guidance-distilled: no classifier-free guidance; FLUX.1's resolution-dependent shift.
-        return flux, flux.preset(size), dict(guidance_scale=1.0, dynamic_shift=size != "schnell")
-    from bpgo_jax.models import sd3
-
-    name = "tiny" if size == "tiny" else preset_name
-    # Flow-GRPO's SD3.5 sampling: CFG 4.5, shift 3 (the scheduler's).
-    return sd3, sd3.preset(name), dict(guidance_scale=4.5, shift=3.0, dynamic_shift=False)
-
-
-def _abstract_params(family, mods, spec) -> tuple[Any, Any]:
-    """`(trainable, frozen)` as ShapeDtypeStructs: every module's `init` under eval_shape."""
-    import jax
-
-    from bpgo_jax.models import flux
-    from bpgo_jax.models import lora as lora_lib
-    from bpgo_jax.models.clip import CLIPTextModel
-    from bpgo_jax.models.clip.loaders import text_inputs
-    from bpgo_jax.models.sd.loader import vae_inputs
-    from bpgo_jax.models.sd3.transformer import example_inputs
-    from bpgo_jax.models.t5 import example_inputs as t5_inputs
-
-    if family is flux:
-        return flux.param_shapes(mods, spec)
-    dtype = mods.transformer.dtype
-
-    def shapes(module, *inputs):
-        tree = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), tree)
-
-    net = shapes(mods.transformer, *example_inputs(mods.transformer.cfg))
-    frozen = {"vae": shapes(mods.vae, *vae_inputs(mods.vae.cfg))}
-    frozen["text"] = {
-        name: shapes(m, *((text_inputs(m.cfg),) if isinstance(m, CLIPTextModel) else t5_inputs()))
-        for name, m in mods.text.encoders
-    }
-    return jax.eval_shape(
-        lambda n, f: lora_lib.split_params(n, f, spec, jax.random.key(0), key="transformer"),
-        net,
-        frozen,
+        name, preset = "flux", size
+        sample = dict(guidance_scale=1.0, dynamic_shift=size != "schnell")
+    else:
+        # Flow-GRPO's SD3.5 sampling: CFG 4.5, shift 3 (the scheduler's).
+        name, preset = "sd3", "tiny" if size == "tiny" else preset_name
+        sample = dict(guidance_scale=4.5, shift=3.0, dynamic_shift=False)
+    model = ml_collections.ConfigDict(
+        dict(
+            name=name,
+            init="random",
+            preset=preset,
+            dtype=_DTYPE.value,
+            resolution=_RESOLUTION.value,
+            attention=_ATTENTION.value,
+            remat=_REMAT.value,
+            lora=dict(rank=_LORA.value, alpha=float(_LORA.value), targets=()),
+        )
     )
+    return model, sample
 
 
-def _compile(fn: Callable, args: tuple) -> tuple[Any, float, int]:
-    """`(compiled, compile seconds, matmul FLOPs)` of jitted `fn` at abstract `args`."""
-    import jax
+def _compiled(stage):
+    """`stage`'s report printed; raises when it did not compile."""
+    from bpgo_jax.parallel import aot
 
-    start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    seconds = time.perf_counter() - start
-    flops = matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
-    return compiled, seconds, flops
-
-
-def _report(name: str, compiled, seconds: float, flops: int) -> None:
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    peak = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        + mem.temp_size_in_bytes
-        - mem.alias_size_in_bytes
-    )
-    print(f"{name}: compiled in {seconds:.1f} s")
-    print(
-        f"  memory per device: arguments {_gib(mem.argument_size_in_bytes)}, outputs "
-        f"{_gib(mem.output_size_in_bytes)} (aliased {_gib(mem.alias_size_in_bytes)}), "
-        f"temporaries {_gib(mem.temp_size_in_bytes)}, generated code "
-        f"{mem.generated_code_size_in_bytes / 2**20:.1f} MiB; total {_gib(peak)}"
-    )
-    print(
-        f"  FLOPs per device: matmul {_tflop(flops)} (scans multiplied out); "
-        f"XLA cost analysis {_tflop(cost.get('flops', 0.0))} "
-        f"(loop bodies once), bytes accessed {_gib(cost.get('bytes accessed', 0.0))}"
-    )
+    for line in aot.report_lines(stage):
+        print(line)
+    if stage.compiled is None:
+        raise UserError(f"{stage.name} does not compile for this backend")
+    return stage
 
 
 def _peak_tflops(device) -> float | None:
     if _PEAK.value > 0:
         return _PEAK.value
-    kind = device.device_kind
-    return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+    from bpgo_jax.parallel import aot
+
+    return aot.peak_tflops(device)
 
 
 def _random_like(tree: Any, shardings: Any, seed: int) -> Any:
@@ -260,14 +187,14 @@ def main(argv: list[str]) -> None:
     from bpgo_jax.advantages.forms import loss_crt_coef
     from bpgo_jax.build import _gathered
     from bpgo_jax.configs.common import base_config
-    from bpgo_jax.models import lora as lora_lib
+    from bpgo_jax.parallel import aot
     from bpgo_jax.parallel import mesh as mesh_lib
     from bpgo_jax.rollout import samplers
     from bpgo_jax.update.loss import PolicyBatch
     from bpgo_jax.update.step import StepOptions, TrainState, UpdateStep, make_optimizer
 
     config = _CONFIG.value if _CONFIG.value is not None else base_config()
-    family, configs, sample_defaults = _model_config(_PRESET.value)
+    model_cfg, sample_defaults = _model_config(_PRESET.value)
     sample_cfg = ml_collections.ConfigDict(config.sample.to_dict())
     if _CONFIG.value is None:
         sample_cfg.update(sample_defaults)
@@ -289,27 +216,22 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--batch={b} must be divisible by the mesh's {shards} batch shards")
 
     dtype = jnp.dtype(_DTYPE.value)
-    targets = family.FLUX_ATTENTION_TARGETS if hasattr(family, "FLUX_ATTENTION_TARGETS") else None
-    targets = targets or family.SD3_ATTENTION_TARGETS
-    spec = lora_lib.LoraSpec(_LORA.value, float(_LORA.value), targets) if _LORA.value else None
-    mods = family.modules_from_configs(
-        configs, dtype, attention=_ATTENTION.value, remat=_REMAT.value
-    )
     try:
-        model = family.model_from_modules(mods, resolution=_RESOLUTION.value, lora=spec)
-    except ValueError as err:
-        raise UserError(f"--resolution={_RESOLUTION.value}: {err}") from None
+        model, trainable, frozen = aot.abstract_model(model_cfg)
+    except ConfigError as err:
+        raise UserError(
+            f"--preset={_PRESET.value} --resolution={_RESOLUTION.value}: {err}"
+        ) from None
     if config.mesh.gather_params and mesh.shape.get("fsdp", 1) > 1:
         model = _gathered(model, mesh)
     sampler = samplers.make_sampler(sample_cfg, model)
     optimizer = make_optimizer(config.train)
-    trainable, frozen = _abstract_params(family, mods, spec)
 
     n_train, n_frozen = _count(trainable), _count(frozen)
     print(
         f"{_PRESET.value}: {_RESOLUTION.value} px, latent {model.latent_shape}, batch {b}, "
         f"{dtype.name}, remat={_REMAT.value}, "
-        f"{f'LoRA rank {_LORA.value}' if spec else 'full fine-tune'}, "
+        f"{f'LoRA rank {_LORA.value}' if _LORA.value else 'full fine-tune'}, "
         f"guidance_scale={sampler.guidance_scale}, {sampler.num_steps} sampler steps, "
         f"kl_beta={config.train.kl_beta}"
     )
@@ -321,16 +243,14 @@ def main(argv: list[str]) -> None:
     parts.update({k: v for k, v in frozen.items() if k != "transformer"})
     print(
         f"parameters: total {_num(n_train + n_frozen)}, trainable {_num(n_train)} ("
-        + ", ".join(f"{k} {_num(_count(v))} ({_gib(_bytes(v))})" for k, v in parts.items())
+        + ", ".join(
+            f"{k} {_num(_count(v))} ({aot.gib(aot.tree_bytes(v))})" for k, v in parts.items()
+        )
         + ")"
     )
 
     def placed(tree):
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            tree,
-            mesh_lib.tree_shardings(tree, mesh, rules),
-        )
+        return aot.placed(tree, mesh_lib.tree_shardings(tree, mesh, rules))
 
     batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
     trainable_a, frozen_a = placed(trainable), placed(frozen)
@@ -361,8 +281,16 @@ def main(argv: list[str]) -> None:
     k_a = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
     rollout_fn = jax.jit(rollout_call, out_shardings=batch_sh)
     rollout_args = (trainable_a, frozen_a, x_a, k_a, cond_a, uncond_a, key_a)
-    compiled, seconds, r_flops = _compile(rollout_fn, rollout_args)
-    _report("rollout step (one guided network call)", compiled, seconds, r_flops)
+    platform = devices[0].platform
+    r_flops = _compiled(
+        aot.compile_stage(
+            "rollout step (one guided network call)",
+            rollout_fn,
+            rollout_args,
+            platform=platform,
+            mesh=mesh,
+        )
+    ).flops
 
     opts = StepOptions(
         model=model,
@@ -387,9 +315,7 @@ def main(argv: list[str]) -> None:
         rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
     )
     state_sh = mesh_lib.tree_shardings(state, mesh, rules)
-    state_a = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, state_sh
-    )
+    state_a = aot.placed(state, state_sh)
     policy = PolicyBatch(
         latents=jax.ShapeDtypeStruct((b, t_steps + 1, *shape), jnp.float32, sharding=batch_sh),
         outputs=jax.ShapeDtypeStruct((b, t_steps, *shape), jnp.float32, sharding=batch_sh),
@@ -402,13 +328,15 @@ def main(argv: list[str]) -> None:
     update = UpdateStep(opts, accumulate="scan", state_shardings=state_sh, metric_sharding=repl)
     update_fn = update.jitted["train_step"]
     update_args = (state_a, policy, frozen_a, ref_a, uncond_a)
-    compiled, seconds, u_flops = _compile(update_fn, update_args)
-    _report(
-        "update step (one micro-batch x one trained step: forward, backward, AdamW)",
-        compiled,
-        seconds,
-        u_flops,
-    )
+    u_flops = _compiled(
+        aot.compile_stage(
+            "update step (one micro-batch x one trained step: forward, backward, AdamW)",
+            update_fn,
+            update_args,
+            platform=platform,
+            mesh=mesh,
+        )
+    ).flops
     print(
         "memory: XLA's estimate for this backend's compiler (XLA:CPU on a CPU host; "
         "GPU/TPU compilers plan buffers differently)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -12,20 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPT = BENCHMARKS / "model_step.py"
+from bpgo_jax.parallel.aot import matmul_flops
 
-
-def _matmul_flops():
-    spec = importlib.util.spec_from_file_location("jaxpr_flops", BENCHMARKS / "jaxpr_flops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.matmul_flops
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "model_step.py"
 
 
 def test_matmul_flops_multiplies_scan_lengths_out():
     """XLA's cost analysis counts a loop body once; the jaxpr count must not."""
-    matmul_flops = _matmul_flops()
 
     def net(ws, x):
         def body(h, w):
