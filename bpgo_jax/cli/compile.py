@@ -1,10 +1,10 @@
 r"""Compiles a run's stages for a TPU pod or N devices and prints their memory, FLOPs and time.
 
     python launch/compile.py --config=configs/sd_aesthetic.py --config.model.init=random \
-        --config.model.preset=sd15 --topology=v5p:2x2x1
+        --config.model.preset=sd15 --topology=v5p:2x2x1 --attention=xla
     python launch/compile.py --config=configs/sd_aesthetic.py --config.model.init=random \
-        --config.model.preset=sd15 --config.model.lora.rank=0 --topology=v5p:2x2x2 \
-        --config.mesh.shape="(1,-1)"
+        --config.model.preset=sd15 --config.model.lora.rank=0 --config.train.lr=1e-5 \
+        --config.mesh.shape="(2,4)" --topology=v5p:2x2x2 --attention=xla
     python launch/compile.py --config=configs/image.py --devices=8
 
 Tells before a pod is rented whether a config fits its chips and which mesh
@@ -35,7 +35,8 @@ models, the epoch's rollout buffers so far: twice during the update, the
 batch and its shuffled copy), the stage's own inputs, and XLA's outputs,
 temporaries and code; it says whether that fits the chip's HBM (v4 32 GiB,
 v5e 16, v5p 95, v6e 32; `--hbm_gib` for others). A TPU program that cannot
-fit does not compile: XLA's reason is printed.
+fit does not compile: XLA's reason is printed. docs/pods.md tabulates SD1.5
+and FLUX.1-dev on v5p and v5e slices.
 """
 
 from __future__ import annotations
