@@ -292,15 +292,20 @@ def init_opt_state(optimizer, trainable: Params, replicated: NamedSharding) -> A
     value, on one device; fsdp would then shard the parameters but keep
     two parameter-sized buffers whole on every device.
     """
-    shapes = jax.eval_shape(optimizer.init, trainable)
-    shardings = optax.tree_map_params(
+    shardings = opt_state_shardings(optimizer, trainable, replicated)
+    return jax.jit(optimizer.init, out_shardings=shardings)(trainable)
+
+
+def opt_state_shardings(optimizer, trainable: Params, replicated: NamedSharding) -> Any:
+    """The shardings `init_opt_state` gives: parameter-shaped leaves their parameter's,
+    the rest `replicated` (`trainable` may be placed `ShapeDtypeStruct`s)."""
+    return optax.tree_map_params(
         optimizer,
         lambda _, param: param.sharding,
-        shapes,
+        jax.eval_shape(optimizer.init, trainable),
         trainable,
         transform_non_params=lambda _: replicated,
     )
-    return jax.jit(optimizer.init, out_shardings=shardings)(trainable)
 
 
 def build_training(run: Run, trainable: Params) -> tuple[Training, TrainState]:

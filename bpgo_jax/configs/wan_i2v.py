@@ -37,9 +37,8 @@ docs/video.md covers the folder layout, the conditioning and the experts.
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
-from bpgo_jax.configs.wan_t2v import ATTENTION_TARGETS, wan_config
+from bpgo_jax.configs.wan_t2v import ATTENTION_TARGETS, clip_score_rewards, wan_config
 
 # The attention projections of both experts' blocks (`transformer/`, `transformer_2/`).
 EXPERT_KERNELS = r"transformer(_2)?/.*/kernel"
@@ -64,14 +63,6 @@ def wan_i2v_config() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
     c = wan_i2v_config()
-    c.rewards = dict(
-        video_clip_score=dict(
-            weight=1.0,
-            frames=4,
-            reduce="mean",
-            path=placeholder(str),  # a transformers CLIPModel folder (e.g. CLIP ViT-L/14)
-            dtype="bfloat16",
-        )
-    )
+    c.rewards = clip_score_rewards()
     c.prior.init_value = 0.25
     return c

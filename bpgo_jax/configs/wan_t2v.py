@@ -105,9 +105,9 @@ def wan_config() -> ml_collections.ConfigDict:
     return c
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = wan_config()
-    c.rewards = dict(
+def clip_score_rewards() -> dict:
+    """The video CLIP score on 4 frames (the rewards of wan_t2v and wan_i2v)."""
+    return dict(
         video_clip_score=dict(
             weight=1.0,
             frames=4,
@@ -116,6 +116,11 @@ def get_config() -> ml_collections.ConfigDict:
             dtype="bfloat16",
         )
     )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = wan_config()
+    c.rewards = clip_score_rewards()
     c.prior.init_value = 0.25  # CLIP cosines of matching frames sit near 0.2-0.3
     block = c.rewards.video_clip_score
     c.eval.rewards = dict(

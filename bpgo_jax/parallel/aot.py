@@ -360,17 +360,10 @@ def device_bytes(tree: Any) -> int:
 def opt_state_placed(optimizer: Any, trainable: Any, replicated: NamedSharding) -> Any:
     """The optimiser state of placed `trainable`, as `build.init_opt_state` places it:
     parameter-shaped leaves on their parameter's sharding, the rest replicated."""
-    import optax
+    from bpgo_jax.build import opt_state_shardings
 
     shapes = jax.eval_shape(optimizer.init, trainable)
-    shardings = optax.tree_map_params(
-        optimizer,
-        lambda _, param: param.sharding,
-        shapes,
-        trainable,
-        transform_non_params=lambda _: replicated,
-    )
-    return placed(shapes, shardings)
+    return placed(shapes, opt_state_shardings(optimizer, trainable, replicated))
 
 
 # ---------------------------------------------------------------- compiling

@@ -60,16 +60,14 @@ from bpgo_jax.models.clip import CLIPVisionModel, load_clip_vision
 from bpgo_jax.models.dit import pipeline as dit_pipeline
 from bpgo_jax.models.interface import DiffusionModel
 from bpgo_jax.models.lora import LoraSpec
-from bpgo_jax.models.t5 import T5EncoderModel, t5_config_from_dict
-from bpgo_jax.models.text import HashTokenizer, Tokenizer
+from bpgo_jax.models.text import Tokenizer
 from bpgo_jax.models.wan import vae as wan_vae
 from bpgo_jax.models.wan.pipeline import (
     DEFAULT_FRAMES,
     DEFAULT_SIZE,
     FAMILY,
     WAN_ATTENTION_TARGETS,
-    scheduler_from_dict,
-    text_encoder_config,
+    preset_components,
 )
 from bpgo_jax.models.wan.presets import preset
 from bpgo_jax.models.wan.transformer import (
@@ -79,7 +77,7 @@ from bpgo_jax.models.wan.transformer import (
     load_wan_transformer,
     wan_transformer,
 )
-from bpgo_jax.models.wan.vae_config import WanVAEConfig, latent_shape, wan_vae_config_from_dict
+from bpgo_jax.models.wan.vae_config import latent_shape
 from bpgo_jax.prompts import PromptSet, load_prompts
 from bpgo_jax.prompts.images import clip_table, condition_images, signed
 
@@ -368,30 +366,14 @@ def modules_from_configs(configs: dict, dtype: Any = jnp.float32, **options: Any
         raise ConfigError(
             "random Wan2.1 I2V weights need a CLIP image encoder config: load a folder"
         )
-    vae_cfg = configs["vae"]
-    if not isinstance(vae_cfg, WanVAEConfig):
-        vae_cfg = wan_vae_config_from_dict(dict(vae_cfg))
-    text_cfg = t5_config_from_dict(
-        configs.get("text_encoder") or text_encoder_config(configs["transformer"])
-    )
-    length = text_stacks.resolve_max_sequence_length("wan", o.max_sequence_length)
-    text = text_stacks.stack_from_modules(
-        "wan",
-        {"t5": T5EncoderModel(text_cfg, dtype=dtype, attention=o.attention)},
-        {"t5": HashTokenizer(text_cfg.vocab_size, length)},
-        max_sequence_length=length,
-    )
     experts = tuple(
         (e, wan_transformer(configs[e], dtype=dtype, attention=o.attention, remat=o.remat))
         for e in EXPERTS
         if configs.get(e) is not None
     )
-    sched = configs.get("scheduler") or {"num_train_timesteps": 1000, "shift": 3.0}
     return WanI2VModules(
         experts=experts,
-        vae=wan_vae.AutoencoderKLWan(vae_cfg, dtype),
-        text=text,
-        scheduler=scheduler_from_dict(dict(sched)),
+        **preset_components(configs, dtype, o),
         boundary_ratio=configs.get("boundary_ratio"),
     )
 

@@ -205,6 +205,18 @@ def modules_from_configs(configs: dict, dtype: Any = jnp.float32, **options: Any
             "this Wan preset has two experts or per-token timesteps (Wan2.2); the Wan "
             "pipeline trains Wan2.1 text-to-video"
         )
+    return WanModules(
+        transformer=wan_transformer(
+            configs["transformer"], dtype=dtype, attention=o.attention, remat=o.remat
+        ),
+        **preset_components(configs, dtype, o),
+    )
+
+
+def preset_components(configs: dict, dtype: Any, o: dit_pipeline.BuildOptions) -> dict[str, Any]:
+    """`vae`, `text` and `scheduler` of a preset dict (T2V and I2V alike): the VAE of its
+    `vae` config, the UMT5 stack of `text_encoder` (default `text_encoder_config`) with
+    hash tokenizers, and `scheduler` (default shift `DEFAULT_SHIFT`)."""
     vae_cfg = configs["vae"]
     if not isinstance(vae_cfg, WanVAEConfig):
         vae_cfg = wan_vae_config_from_dict(dict(vae_cfg))
@@ -219,10 +231,7 @@ def modules_from_configs(configs: dict, dtype: Any = jnp.float32, **options: Any
         max_sequence_length=length,
     )
     sched = configs.get("scheduler") or {"num_train_timesteps": 1000, "shift": DEFAULT_SHIFT}
-    return WanModules(
-        transformer=wan_transformer(
-            configs["transformer"], dtype=dtype, attention=o.attention, remat=o.remat
-        ),
+    return dict(
         vae=wan_vae.AutoencoderKLWan(vae_cfg, dtype),
         text=text,
         scheduler=scheduler_from_dict(dict(sched)),
