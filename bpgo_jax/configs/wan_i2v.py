@@ -3,7 +3,7 @@
     python launch/train.py --config=configs/wan_i2v.py --workdir=runs/wan_i2v \
         --config.model.init=/path/to/Wan2.2-I2V-A14B-Diffusers \
         --config.prompts.path=/path/to/i2v_prompts.jsonl \
-        --config.rewards.video_clip_score.path=/path/to/clip-vit-large-patch14
+        --config.rewards.videoclip_xl.path=/path/to/VideoCLIP-XL-flax
 
 The prompt file is `.jsonl` with an `image` on every entry (a path relative
 to the file): the conditioning first frame, read and resized to the video's
@@ -15,7 +15,7 @@ From the paper: Wan2.2 image-to-video, BPGO whose per-prompt prior is the
 text alignment of the conditioning first frame (`prior.kind=first_frame`:
 the reward of a static clip of that frame, computed once at the start and
 checkpointed), groups of 8, the text-alignment reward of the T2V setting
-(configs/wan_t2v.py: `video_clip_score` until VideoCLIP-XL is ported).
+(VideoCLIP-XL, as configs/wan_t2v.py says, where its conversion is).
 
 From WanImageToVideoPipeline and the Wan2.2-I2V-A14B folder: 480 x 832
 pixels, the two experts switched at the folder's `boundary_ratio` (0.9: the
@@ -38,7 +38,7 @@ docs/video.md covers the folder layout, the conditioning and the experts.
 
 import ml_collections
 
-from bpgo_jax.configs.wan_t2v import ATTENTION_TARGETS, clip_score_rewards, wan_config
+from bpgo_jax.configs.wan_t2v import ATTENTION_TARGETS, videoclip_xl_rewards, wan_config
 
 # The attention projections of both experts' blocks (`transformer/`, `transformer_2/`).
 EXPERT_KERNELS = r"transformer(_2)?/.*/kernel"
@@ -63,6 +63,6 @@ def wan_i2v_config() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
     c = wan_i2v_config()
-    c.rewards = clip_score_rewards()
+    c.rewards = videoclip_xl_rewards()
     c.prior.init_value = 0.25
     return c

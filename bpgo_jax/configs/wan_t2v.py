@@ -2,15 +2,19 @@
 
     python launch/train.py --config=configs/wan_t2v.py --workdir=runs/wan_t2v \
         --config.model.init=/path/to/Wan2.1-T2V-1.3B-Diffusers \
-        --config.rewards.video_clip_score.path=/path/to/clip-vit-large-patch14
+        --config.rewards.videoclip_xl.path=/path/to/VideoCLIP-XL-flax
 
 From the paper: Wan2.1-T2V-1.3B, BPGO with the reference-model prior (each
 prompt's prior is the mean reward of the frozen base model's samples of it,
 `prior.kind=reference`), groups of 8, and VideoCLIP-XL text alignment as the
-reward. VideoCLIP-XL has no port yet; until `rewards.videoclip_xl` exists,
-the reward is `video_clip_score` (CLIP text-image cosine of 4 frames evenly
-spaced over the clip, averaged; `rewards/video.py`), the text-alignment
-reward at hand; swap the block for VideoCLIP-XL's when it lands.
+reward (`rewards/videoclip_xl.py`: the cosine of the clip's and the prompt's
+embeddings, 8 frames as the reference picks them). Make its folder once from
+the released `VideoCLIP-XL.bin` (needs torch, for this step only):
+
+  python launch/convert_videoclip_xl.py --checkpoint=/path/to/VideoCLIP-XL.bin \
+      --tokenizer=/path/to/clip-vit-large-patch14 --out=/path/to/VideoCLIP-XL-flax
+
+(`--tokenizer`: any transformers CLIPTokenizer folder of CLIP's vocabulary.)
 
 Video: 480 x 832 pixels (WanPipeline's size) at 33 frames (9 latent frames,
 14,040 transformer tokens a clip; WanPipeline's 81 frames, 32,760 tokens, with
@@ -105,14 +109,13 @@ def wan_config() -> ml_collections.ConfigDict:
     return c
 
 
-def clip_score_rewards() -> dict:
-    """The video CLIP score on 4 frames (the rewards of wan_t2v and wan_i2v)."""
+def videoclip_xl_rewards() -> dict:
+    """VideoCLIP-XL text alignment: the paper's video reward (wan_t2v and wan_i2v)."""
     return dict(
-        video_clip_score=dict(
+        videoclip_xl=dict(
             weight=1.0,
-            frames=4,
-            reduce="mean",
-            path=placeholder(str),  # a transformers CLIPModel folder (e.g. CLIP ViT-L/14)
+            path=placeholder(str),  # a folder made by launch/convert_videoclip_xl.py
+            tokenizer_path="",  # "": the converted folder's (--tokenizer)
             dtype="bfloat16",
         )
     )
@@ -120,15 +123,14 @@ def clip_score_rewards() -> dict:
 
 def get_config() -> ml_collections.ConfigDict:
     c = wan_config()
-    c.rewards = clip_score_rewards()
-    c.prior.init_value = 0.25  # CLIP cosines of matching frames sit near 0.2-0.3
-    block = c.rewards.video_clip_score
+    c.rewards = videoclip_xl_rewards()
+    c.prior.init_value = 0.25  # a text-video cosine of a matching clip, CLIP-like
+    block = c.rewards.videoclip_xl
     c.eval.rewards = dict(
-        video_clip_score=dict(
+        videoclip_xl=dict(
             weight=1.0,
-            frames=block.get_ref("frames"),
-            reduce=block.get_ref("reduce"),
             path=block.get_ref("path"),
+            tokenizer_path=block.get_ref("tokenizer_path"),
             dtype=block.get_ref("dtype"),
         )
     )

@@ -10,7 +10,11 @@ from bpgo_jax.rewards.compose import RewardSet, build_reward_set
 
 # Modules that register more rewards; imported when a config asks for a name
 # that is not registered yet, so optional heavy dependencies load lazily.
-PLUGIN_MODULES = ("bpgo_jax.world.rewards", "bpgo_jax.rewards.clip_rewards")
+PLUGIN_MODULES = (
+    "bpgo_jax.world.rewards",
+    "bpgo_jax.rewards.clip_rewards",
+    "bpgo_jax.rewards.videoclip_xl",
+)
 
 
 def load_plugins(extra: tuple[str, ...] = ()) -> None:

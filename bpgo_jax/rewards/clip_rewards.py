@@ -43,7 +43,7 @@ from bpgo_jax.rewards.base import Reward, register
 Prepare = Callable[[Sequence[str], Sequence[dict]], dict[str, np.ndarray]]
 
 
-def _require_path(cfg: ml_collections.ConfigDict, key: str, reward: str, what: str) -> str:
+def require_path(cfg: ml_collections.ConfigDict, key: str, reward: str, what: str) -> str:
     path = cfg.get(key)
     if not path:
         raise ConfigError(f"reward {reward!r} needs cfg.{key}: {what}")
@@ -92,7 +92,7 @@ def _clip_reward(
 
 @register("clip_score")
 def build_clip_score(cfg: ml_collections.ConfigDict) -> Reward:
-    path = _require_path(cfg, "path", "clip_score", "a transformers CLIPModel folder")
+    path = require_path(cfg, "path", "clip_score", "a transformers CLIPModel folder")
     module, params = load_clip(path, dtype=_dtype(cfg))
     scale = float(cfg.get("scale", 1.0))
     tokenizer = cfg.get("tokenizer_path") or path
@@ -101,7 +101,7 @@ def build_clip_score(cfg: ml_collections.ConfigDict) -> Reward:
 
 @register("pickscore")
 def build_pickscore(cfg: ml_collections.ConfigDict) -> Reward:
-    path = _require_path(cfg, "path", "pickscore", "the PickScore_v1 CLIPModel folder")
+    path = require_path(cfg, "path", "pickscore", "the PickScore_v1 CLIPModel folder")
     module, params = load_clip(path, dtype=_dtype(cfg))
     tokenizer = cfg.get("tokenizer_path") or path
 
@@ -113,8 +113,8 @@ def build_pickscore(cfg: ml_collections.ConfigDict) -> Reward:
 
 @register("hpsv2")
 def build_hpsv2(cfg: ml_collections.ConfigDict) -> Reward:
-    path = _require_path(cfg, "path", "hpsv2", "an OpenCLIP ViT-H-14 .safetensors file")
-    tokenizer = _require_path(
+    path = require_path(cfg, "path", "hpsv2", "an OpenCLIP ViT-H-14 .safetensors file")
+    tokenizer = require_path(
         cfg, "tokenizer_path", "hpsv2", "a CLIPTokenizer folder (e.g. laion/CLIP-ViT-H-14)"
     )
     module, params = load_openclip(
@@ -176,8 +176,8 @@ def aesthetic_head(layers: list[dict[str, jax.Array]], embeds: jax.Array) -> jax
 
 @register("aesthetic")
 def build_aesthetic(cfg: ml_collections.ConfigDict) -> Reward:
-    path = _require_path(cfg, "path", "aesthetic", "a CLIP ViT-L/14 transformers folder")
-    head_path = _require_path(
+    path = require_path(cfg, "path", "aesthetic", "a CLIP ViT-L/14 transformers folder")
+    head_path = require_path(
         cfg, "head_path", "aesthetic", "the aesthetic MLP head as .safetensors"
     )
     module, clip = load_clip_vision(path, dtype=_dtype(cfg), with_projection=True)

@@ -131,7 +131,8 @@ def _build(cfg: ml_collections.ConfigDict, inner_name: str, name: str) -> Reward
         from bpgo_jax.rewards import load_plugins
 
         load_plugins()
-    own = {"video_frames", *(f"video_{n}" for n in ALIASED)}
+    # Rewards that take whole clips already (this module's, VideoCLIP-XL's) wrap nothing.
+    own = {"video_frames", "videoclip_xl", *(f"video_{n}" for n in ALIASED)}
     known = [n for n in base.names() if n not in own]
     if inner_name not in known:
         raise ConfigError(

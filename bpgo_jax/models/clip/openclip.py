@@ -35,7 +35,7 @@ from bpgo_jax.models.clip.modules import CLIPModel
 _VISION_HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
 _TEXT_HEAD_WIDTH = 64
 
-_BLOCK = {
+BLOCK_NAMES = {
     "ln_1": "layer_norm1",
     "ln_2": "layer_norm2",
     "attn.out_proj": "self_attn.out_proj",
@@ -97,8 +97,8 @@ class OpenClipReader(weights.TensorView):
             if in_proj := _IN_PROJ.match(m[3]):
                 for i, qkv in enumerate(("q_proj", "k_proj", "v_proj")):
                     self.add(f"{prefix}.self_attn.{qkv}.{in_proj[1]}", stored, _qkv_part(i))
-            elif (p := _PARAM.match(m[3])) and p[1] in _BLOCK:
-                self.add(f"{prefix}.{_BLOCK[p[1]]}.{p[2]}", stored)
+            elif (p := _PARAM.match(m[3])) and p[1] in BLOCK_NAMES:
+                self.add(f"{prefix}.{BLOCK_NAMES[p[1]]}.{p[2]}", stored)
             else:
                 raise WeightsError(f"unexpected tensor {name!r} in {self.source}")
         else:
