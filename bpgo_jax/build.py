@@ -27,7 +27,7 @@ from bpgo_jax import advantages as adv_lib
 from bpgo_jax import priors as prior_lib
 from bpgo_jax import runtime
 from bpgo_jax.advantages.step import jit_advantages_step
-from bpgo_jax.checkpoint import Checkpointer
+from bpgo_jax.checkpoint import Checkpointer, workdir_path
 from bpgo_jax.config import check_inputs, validate
 from bpgo_jax.errors import ConfigError, WorkdirError
 from bpgo_jax.models import build_model
@@ -390,7 +390,7 @@ def load_policy(
     weights are used and `workdir` may be None). Reads only the parameters it
     samples with (no optimiser state) and never writes to the workdir.
     """
-    directory = Path(workdir) / "checkpoints" if workdir is not None else None
+    directory = workdir_path(workdir) / "checkpoints" if workdir is not None else None
     if not base_weights and (directory is None or not directory.is_dir()):
         raise WorkdirError(
             f"{workdir} has no checkpoints/ (not a training run's workdir?); "

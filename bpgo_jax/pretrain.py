@@ -46,6 +46,7 @@ from bpgo_jax.logs import RunLogger, captioned_grid, save_png
 from bpgo_jax.models import load_params, save_params
 from bpgo_jax.models.interface import DiffusionModel
 from bpgo_jax.models.tiny import tiny_model
+from bpgo_jax.parallel.host import to_host
 from bpgo_jax.parallel.mesh import batch_sharding, make_mesh, replicated
 from bpgo_jax.prompts import load_prompts
 from bpgo_jax.rollout.samplers import make_sampler, sample
@@ -290,7 +291,7 @@ def evaluate_oracle(
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size).clip(max=n - 1)
         out = generate(trainable, frozen, tokens[idx], keys[idx])
-        images.append(np.asarray(out)[: min(batch_size, n - start)])
+        images.append(to_host(out)[: min(batch_size, n - start)])
     images = np.concatenate(images)
     acc, ok = oracle.accuracy(images, constraints)
     return acc, ok, images
@@ -526,9 +527,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, command: str) -> dict[
 
         def save_checkpoint() -> None:
             progress.data_rng = data_rng.bit_generator.state
-            ckpt.save(
-                progress.step, jax.device_get(state), dataclasses.asdict(progress), force=True
-            )
+            ckpt.save(progress.step, to_host(state), dataclasses.asdict(progress), force=True)
 
         window, start = [], time.time() - progress.seconds
         first = tc.steps + 1 if progress.stopped else progress.step + 1  # (empty when done)
@@ -553,7 +552,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, command: str) -> dict[
                 progress.step = step
                 window.append(metrics)
                 if step % cfg.log_every == 0 or step == tc.steps:
-                    got = jax.device_get(window)
+                    got = to_host(window)
                     loss = float(np.mean([m["loss"] for m in got]))
                     if not np.isfinite(loss):
                         raise DivergedError(

@@ -208,8 +208,12 @@ def resolve_config_path(value: str) -> str:
 
 
 def _resolve_config_args(argv: list[str]) -> list[str]:
+    """argv with each `--config=configs/X.py` resolved (`resolve_config_path`); the
+    arguments after `--` are not flags of this command and are kept as given."""
     out = []
     for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
         if arg.startswith("--config="):
             arg = "--config=" + resolve_config_path(arg[len("--config=") :])
         elif i > 0 and argv[i - 1] == "--config":

@@ -23,22 +23,29 @@ Nothing written is lost silently:
   and later saves of that step do not collide).
 
 The workdir helpers (directory checks, the lock, the run's config record)
-live in `bpgo_jax.checkpoint.workdir` and are re-exported here.
+live in `bpgo_jax.checkpoint.workdir`, the path type of local and
+object-store (`gs://`) workdirs in `bpgo_jax.checkpoint.paths`; both are
+re-exported here.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from bpgo_jax.checkpoint.paths import WorkPath, is_remote, workdir_path
 from bpgo_jax.checkpoint.workdir import (
     RUN_NEUTRAL_FIELDS,
+    ObjectStoreLock,
     WorkdirLock,
+    append_text,
     atomic_write,
     check_run_config,
     config_record,
     has_checkpoint,
     lock_workdir,
     prepare_workdir,
+    refresh_workdir_lock,
+    workdir_lock,
 )
 
 if TYPE_CHECKING:
@@ -47,13 +54,20 @@ if TYPE_CHECKING:
 __all__ = [
     "RUN_NEUTRAL_FIELDS",
     "Checkpointer",
+    "ObjectStoreLock",
+    "WorkPath",
     "WorkdirLock",
+    "append_text",
     "atomic_write",
     "check_run_config",
     "config_record",
     "has_checkpoint",
+    "is_remote",
     "lock_workdir",
     "prepare_workdir",
+    "refresh_workdir_lock",
+    "workdir_lock",
+    "workdir_path",
 ]
 
 

@@ -6,12 +6,15 @@ See the package docstring (`bpgo_jax.checkpoint`) for what it guarantees.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from bpgo_jax.checkpoint.paths import WorkPath, workdir_path
+from bpgo_jax.checkpoint.workdir import refresh_workdir_lock
 from bpgo_jax.errors import WorkdirError
 from bpgo_jax.runtime import all_processes, any_process
 
@@ -55,18 +58,44 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...] | None]:
     }
 
 
+# Arrays whose per-replica slice is smaller than this are written whole by one replica.
+_MIN_REPLICA_SLICE_BYTES = 4 << 20
+
+
+def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
+    """Orbax's handlers, with replica-parallel array writes only where they pay.
+
+    Replica-parallel saving splits a replicated array into one slice per
+    replica so that several devices (and hosts) transfer and write it in
+    parallel. Each slice is a small program compiled per shape and sharding on
+    first use, which for the hundreds of small arrays of a LoRA or a small
+    model costs more than the writes. CPU devices share the host's memory, so
+    there it gains nothing; elsewhere it is kept for arrays large enough.
+    """
+    th = ocp.type_handlers
+    kept = (int, float, bytes, np.number, np.ndarray, str, type(ocp.PLACEHOLDER))
+    arrays = th.ArrayHandler(
+        use_replica_parallel=jax.default_backend() != "cpu",
+        min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES,
+    )
+    return th.create_type_handler_registry(
+        *((t, th.get_type_handler(t)) for t in kept), (jax.Array, arrays)
+    )
+
+
 class Checkpointer:
     """An Orbax `CheckpointManager` over `directory` (one subdirectory per step).
 
     `keep`: how many checkpoints to keep (>= 1). `use_async`: saves write in
     the background (see the module docstring for when failures surface).
     `read_only`: never creates, renames or deletes anything (tools that only
-    read a run's policy).
+    read a run's policy). `directory` may be an object-store URL
+    (`gs://bucket/run/checkpoints`): Orbax writes there through TensorStore.
     """
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: str | os.PathLike,
         *,
         keep: int,
         use_async: bool = True,
@@ -77,7 +106,7 @@ class Checkpointer:
                 f"checkpoint.keep={keep!r} must be an integer >= 1 (with fewer Orbax deletes "
                 "every checkpoint, the final one included)"
             )
-        self.directory = Path(directory).absolute()
+        self.directory = workdir_path(directory)
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep,
@@ -86,7 +115,10 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         )
-        handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        handlers = {
+            "state": ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
         try:
             self._manager = ocp.CheckpointManager(
                 self.directory, options=options, item_handlers=handlers
@@ -103,7 +135,7 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def step_dir(self, step: int) -> Path:
+    def step_dir(self, step: int) -> WorkPath:
         return self.directory / str(step)
 
     # ------------------------------------------------------------------ save
@@ -112,11 +144,13 @@ class Checkpointer:
 
         First waits for the previous save and raises if it failed. With
         `use_async` the write continues in the background: call `wait()`
-        before relying on it.
+        before relying on it. On an object store the workdir lock's heartbeat
+        is refreshed first (a run whose lock was taken over stops here).
         """
         if self.read_only:
             raise WorkdirError(f"{self.directory} was opened read-only; cannot save")
         self.wait()
+        refresh_workdir_lock(self.directory)
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
         try:
             self._manager.save(step, args=args, force=force)

@@ -11,6 +11,11 @@ naming the path before minutes of compilation are spent.
 
 Only process 0 of a multi-host run takes the lock and writes `config.json`;
 every process checks the config.
+
+A workdir may be an object-store URL (`gs://bucket/run`, see
+`bpgo_jax.checkpoint.paths`). There an object PUT is atomic, so `atomic_write`
+is one whole-object write, an append rewrites the object, and the lock is a
+lock object created only if absent (`ObjectStoreLock`), with a heartbeat.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import os
 import socket
 import sys
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,7 @@ from typing import Any
 import filelock
 import ml_collections
 
+from bpgo_jax.checkpoint.paths import WorkPath, filesystem, is_remote, workdir_path
 from bpgo_jax.errors import WorkdirError
 
 log = logging.getLogger("bpgo_jax")
@@ -63,13 +72,16 @@ RUN_NEUTRAL_FIELDS: tuple[str, ...] = (
 )
 
 
-def prepare_workdir(workdir: str | Path) -> Path:
-    """Creates `workdir` and checks it is a writable directory; returns its absolute path.
+def prepare_workdir(workdir: str | os.PathLike) -> WorkPath:
+    """Creates `workdir` and checks it is a writable directory; returns its absolute path
+    (`paths.workdir_path`: a `pathlib.Path`, or an `epath.Path` for an object-store URL).
 
     Raises `WorkdirError` naming the path when it is a file, cannot be created,
-    or refuses a write (read-only, permissions, a full disk).
+    or refuses a write (read-only, permissions, a full disk, a missing bucket).
     """
-    path = Path(workdir).absolute()
+    path = workdir_path(workdir)
+    if is_remote(path):
+        return _prepare_remote(path)
     if path.exists() and not path.is_dir():
         raise WorkdirError(f"workdir {path} exists and is not a directory")
     try:
@@ -86,12 +98,37 @@ def prepare_workdir(workdir: str | Path) -> Path:
     return path
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> None:
+def _prepare_remote(path: WorkPath) -> WorkPath:
+    """An object store has no directories to create: a probe object is written and removed."""
+    filesystem(path)  # the store's fsspec client is installed
+    try:
+        if path.is_file():
+            raise WorkdirError(f"workdir {path} exists and is not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{socket.gethostname()}-{os.getpid()}"
+        probe.write_bytes(b"bpgo-jax")
+        probe.unlink()
+    except WorkdirError:
+        raise
+    except Exception as err:  # noqa: BLE001 (the store's client errors are not all OSError)
+        raise WorkdirError(f"workdir {path} is not writable: {_store_reason(err)}") from err
+    return path
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """Writes `data` to `path` through a temporary file in the same directory and
     `os.replace`, so a kill or a full disk leaves the old file or the new one,
-    never a mix. Raises `WorkdirError` naming the path when the write fails."""
-    path = Path(path)
+    never a mix. On an object store one whole-object write, which is atomic
+    there. Raises `WorkdirError` naming the path when the write fails."""
     payload = data.encode() if isinstance(data, str) else data
+    if is_remote(path):
+        remote = workdir_path(path)
+        try:
+            remote.write_bytes(payload)
+        except Exception as err:  # noqa: BLE001 (the store's client errors are not all OSError)
+            raise WorkdirError(f"cannot write {remote}: {_store_reason(err)}") from err
+        return
+    path = Path(path)
     tmp = None
     try:
         # mkstemp's file is private (0600); the result keeps the old file's mode.
@@ -108,6 +145,28 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise WorkdirError(f"cannot write {path}: {_reason(err)}") from err
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Appends `text` to `path`. An object cannot be appended to: on an object store
+    the object is read and written back whole (for small, rarely appended files)."""
+    if is_remote(path):
+        remote = workdir_path(path)
+        try:
+            old = remote.read_text() if remote.exists() else ""
+        except Exception as err:  # noqa: BLE001
+            raise WorkdirError(f"cannot read {remote}: {_store_reason(err)}") from err
+        atomic_write(remote, old + text)
+        return
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+    except OSError as err:
+        raise WorkdirError(f"cannot write {path}: {_reason(err)}") from err
+
+
+def _store_reason(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
 
 
 def _reason(err: OSError) -> str:
@@ -150,14 +209,8 @@ class WorkdirLock:
             ) from None
         except OSError as err:
             raise WorkdirError(f"cannot lock {self.workdir / LOCK_FILE}: {_reason(err)}") from err
-        owner = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv),
-        }
         try:
-            atomic_write(self._owner, json.dumps(owner) + "\n")
+            atomic_write(self._owner, json.dumps(_owner_record()) + "\n")
         except WorkdirError:
             self._lock.release()
             raise
@@ -186,20 +239,242 @@ class WorkdirLock:
         self.release()
 
 
+# How often a held object-store lock rewrites its heartbeat, and how old a
+# heartbeat must be before another run may take the lock over. The margin
+# covers a stalled host and clock differences between hosts.
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 600.0
+
+
+class ObjectStoreLock:
+    """The lock of an object-store workdir: the object `WORKDIR/.lock`, created only if
+    absent, holding its owner (host, pid, command, a random token) and a heartbeat time.
+
+    There is no flock on an object store and a killed run leaves its lock
+    object behind, so the lock lives by its heartbeat: a background thread
+    rewrites it every `heartbeat_s`, and so does each checkpoint save
+    (`refresh_workdir_lock`). A lock whose heartbeat is older than
+    `stale_after_s` is taken over with a warning; a fresher one refuses the
+    run with the same one line as a local lock.
+
+    The create-only write is GCS's `ifGenerationMatch=0` precondition (gcsfs
+    `pipe_file(mode="create")`): of two runs starting at once, one gets a
+    precondition failure. Stores whose client has no such precondition fall
+    back to a check before the write; either way the lock is read back, and
+    a run that finds another's token in it at a heartbeat (its own heartbeat
+    was stale and another run took over) stops with `WorkdirError` at its next
+    checkpoint instead of writing into the other run's workdir.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        stale_after_s: float = STALE_AFTER_S,
+        heartbeat_s: float = HEARTBEAT_S,
+    ):
+        self.workdir = workdir_path(workdir)
+        self.path = self.workdir / LOCK_FILE
+        self.stale_after_s = stale_after_s
+        self.heartbeat_s = heartbeat_s
+        self.lost: str | None = None  # why the lock was lost, once it was
+        self._owner: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._io = threading.Lock()  # the heartbeat thread and the run refresh one at a time
+
+    @property
+    def held(self) -> bool:
+        return self._owner is not None
+
+    def acquire(self) -> ObjectStoreLock:
+        """Takes the lock, or raises `WorkdirError` naming the run holding it."""
+        current = self._read()
+        if current is not None:
+            age = time.time() - _heartbeat(current)
+            if age < self.stale_after_s:
+                raise self._in_use(current, age)
+            log.warning(
+                "taking over the lock %s of %s: its heartbeat is %.0f s old (a lock not "
+                "refreshed for %.0f s is stale)",
+                self.path,
+                _owner_text(current),
+                age,
+                self.stale_after_s,
+            )
+            self._delete()
+        owner = {**_owner_record(), "token": uuid.uuid4().hex, "heartbeat": time.time()}
+        try:
+            self._create(owner)
+        except FileExistsError:
+            current = self._read() or {}
+            raise self._in_use(current, time.time() - _heartbeat(current)) from None
+        stored = self._read() or {}
+        if stored.get("token") != owner["token"]:  # another run's create-only write won
+            raise self._in_use(stored, time.time() - _heartbeat(stored))
+        self._owner = owner
+        _HELD[str(self.workdir)] = self
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._beat, name=f"lock heartbeat {self.workdir}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def refresh(self) -> None:
+        """Rewrites the heartbeat; raises `WorkdirError` when another run took the lock over."""
+        if self._owner is None:
+            return
+        with self._io:
+            if self.lost is None:
+                current = self._read()
+                if current is None or current.get("token") != self._owner["token"]:
+                    self.lost = (
+                        f"taken over by {_owner_text(current)}"
+                        if current
+                        else "its lock object was removed"
+                    )
+                else:
+                    self._owner["heartbeat"] = time.time()
+                    self._write(self._owner)
+        if self.lost is not None:
+            raise WorkdirError(
+                f"{self.workdir} is no longer locked by this run ({self.lost}; the heartbeat "
+                f"of {self.path} was not refreshed for {self.stale_after_s:.0f} s); stopping so "
+                "that two runs do not write the same workdir"
+            )
+
+    def release(self) -> None:
+        if self._owner is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        _HELD.pop(str(self.workdir), None)
+        with self._io:
+            current = self._read()
+            if current is not None and current.get("token") == self._owner["token"]:
+                self._delete()
+        self._owner = None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self.refresh()
+            except WorkdirError as err:
+                log.error("%s", err)
+                return
+            except Exception as err:  # noqa: BLE001 (a network error: the next beat retries)
+                log.warning("cannot refresh the heartbeat of %s: %s", self.path, err)
+
+    def _in_use(self, owner: Mapping[str, Any], age: float) -> WorkdirError:
+        return WorkdirError(
+            f"{self.workdir} is in use by {_owner_text(owner)}, heartbeat {max(age, 0):.0f} s ago "
+            f"(taken over after {self.stale_after_s:.0f} s without one); wait for it to "
+            "finish, stop it, or choose another --workdir"
+        )
+
+    # The store, through fsspec: caches are bypassed, another host may have written.
+    def _read(self) -> dict[str, Any] | None:
+        fs, key = filesystem(self.path)
+        try:
+            fs.invalidate_cache(key)
+            data = fs.cat_file(key)
+        except FileNotFoundError:
+            return None
+        except Exception as err:  # noqa: BLE001
+            raise WorkdirError(f"cannot read the lock {self.path}: {_store_reason(err)}") from err
+        try:
+            owner = json.loads(data)
+        except ValueError:
+            return {}  # a torn or foreign object: no heartbeat, so stale
+        return owner if isinstance(owner, dict) else {}
+
+    def _create(self, owner: Mapping[str, Any]) -> None:
+        fs, key = filesystem(self.path)
+        try:
+            fs.pipe_file(key, json.dumps(owner).encode(), mode="create")
+        except FileExistsError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise WorkdirError(f"cannot lock {self.path}: {_store_reason(err)}") from err
+
+    def _write(self, owner: Mapping[str, Any]) -> None:
+        atomic_write(self.path, json.dumps(owner))
+
+    def _delete(self) -> None:
+        fs, key = filesystem(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(key)
+        fs.invalidate_cache(key)
+
+    def __enter__(self) -> ObjectStoreLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# The object-store locks this process holds, by workdir: checkpoint saves refresh them.
+_HELD: dict[str, ObjectStoreLock] = {}
+
+
+def refresh_workdir_lock(directory: str | os.PathLike) -> None:
+    """Refreshes the heartbeat of the object-store lock this process holds on a workdir
+    containing `directory` (a no-op for local workdirs and other processes).
+
+    Raises `WorkdirError` when another run has taken that lock over.
+    """
+    if not _HELD or not is_remote(directory):
+        return
+    target = str(workdir_path(directory)).rstrip("/") + "/"
+    for workdir, lock in list(_HELD.items()):
+        if target.startswith(workdir.rstrip("/") + "/"):
+            lock.refresh()
+
+
+def _owner_record() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def _heartbeat(owner: Mapping[str, Any]) -> float:
+    value = owner.get("heartbeat")
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _owner_text(owner: Mapping[str, Any] | None) -> str:
+    try:
+        return f"pid {owner['pid']} on host {owner['host']} (started {owner['started']})"
+    except (KeyError, TypeError):
+        return "another process (its lock names no owner)"
+
+
+def workdir_lock(workdir: str | os.PathLike) -> WorkdirLock | ObjectStoreLock:
+    """The lock of `workdir`: a flock for a local directory, a lock object on an object store."""
+    return ObjectStoreLock(workdir) if is_remote(workdir) else WorkdirLock(workdir)
+
+
 @contextlib.contextmanager
-def lock_workdir(workdir: str | Path) -> Iterator[WorkdirLock | None]:
+def lock_workdir(
+    workdir: str | os.PathLike,
+) -> Iterator[WorkdirLock | ObjectStoreLock | None]:
     """Holds the workdir lock for the `with` block (process 0 only; others get None)."""
     if not _is_writer():
         yield None
         return
-    with WorkdirLock(workdir) as lock:
+    with workdir_lock(workdir) as lock:
         yield lock
 
 
 # ------------------------------------------------------------- the run config
-def has_checkpoint(directory: str | Path) -> bool:
+def has_checkpoint(directory: str | os.PathLike) -> bool:
     """Whether `directory` holds an Orbax step directory (an integer name)."""
-    directory = Path(directory)
+    directory = workdir_path(directory)
     return directory.is_dir() and any(p.name.isdigit() and p.is_dir() for p in directory.iterdir())
 
 
@@ -262,7 +537,7 @@ def check_run_config(
     config (a run that failed before its first checkpoint can be fixed and
     re-run).
     """
-    workdir = Path(workdir)
+    workdir = workdir_path(workdir)
     path = workdir / CONFIG_FILE
     new = config_record(config)
     if not path.exists():
@@ -271,7 +546,7 @@ def check_run_config(
         return
     try:
         old = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # gcsfs's errors are OSErrors too
         raise WorkdirError(
             f"{path} is unreadable ({err}); move it aside to start the run's config record anew"
         ) from err
@@ -296,9 +571,5 @@ def check_run_config(
         "changes": [field for field, _, _ in changes],
         "config": old,
     }
-    try:
-        with (workdir / CONFIG_HISTORY_FILE).open("a") as f:
-            f.write(json.dumps(entry, sort_keys=True) + "\n")
-    except OSError as err:
-        raise WorkdirError(f"cannot write {workdir / CONFIG_HISTORY_FILE}: {_reason(err)}") from err
+    append_text(workdir / CONFIG_HISTORY_FILE, json.dumps(entry, sort_keys=True) + "\n")
     atomic_write(path, json.dumps(new, indent=1, sort_keys=True) + "\n")

@@ -45,11 +45,11 @@ def main(argv):
     runtime.quiet_absl()
     runtime.enable_compile_cache(_CACHE.value)
     import jax
-    import numpy as np
 
     from bpgo_jax.errors import ConfigError, UserError
     from bpgo_jax.models import text_cache, text_stacks
     from bpgo_jax.parallel import mesh as mesh_lib
+    from bpgo_jax.parallel.host import to_host
     from bpgo_jax.prompts import load_prompts
 
     config = _CONFIG.value
@@ -94,7 +94,7 @@ def main(argv):
             padded = chunk + [chunk[-1]] * (batch - len(chunk))
             tokens = jax.device_put(stack.tokenizer(padded), mesh_lib.batch_sharding(mesh))
             cond = encode(params, tokens)
-            yield {k: np.asarray(v)[: len(chunk)] for k, v in cond.items()}
+            yield {k: v[: len(chunk)] for k, v in to_host(cond).items()}
 
     text_cache.write_cache(
         out, prompts, batches(), fields=fields, identity=identity, compute_dtype=compute

@@ -92,7 +92,7 @@ def _rollout_priors(run, policy, n: int, k: int, bs: int):
     import jax
     import numpy as np
 
-    from bpgo_jax.rollout.step import to_host
+    from bpgo_jax.parallel.host import to_host
 
     count = -(-n // (bs // k)) * (bs // k)
     rollout = run.generate(

@@ -50,8 +50,8 @@ def main(argv: list[str]) -> None:
 
     from bpgo_jax.build import build_training, load_policy
     from bpgo_jax.errors import UserError
+    from bpgo_jax.parallel.host import to_host
     from bpgo_jax.prompts import prompt_ids
-    from bpgo_jax.rollout.step import to_host
     from bpgo_jax.train import policy_batch
     from bpgo_jax.update.signal import gradient_signal
 
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
         acc, _, _ = training.update.gradient_sum(
             state, batch, run.frozen, training.ref_trainable, run.uncond
         )
-        leaves = jax.tree.leaves(jax.device_get(acc))
+        leaves = jax.tree.leaves(to_host(acc))
         grads.append(np.concatenate([np.ravel(x).astype(np.float64) for x in leaves]))
         r = to_host(total).reshape(n, g)
         rewards.append(float(r.mean()))

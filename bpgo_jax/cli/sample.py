@@ -51,6 +51,7 @@ def main(argv):
     from bpgo_jax.build import load_policy
     from bpgo_jax.errors import UserError
     from bpgo_jax.logs import save_sample
+    from bpgo_jax.parallel.host import to_host
     from bpgo_jax.prompts import PromptSet, load_prompts
 
     if not _WORKDIR.value and not _BASE.value:
@@ -79,11 +80,11 @@ def main(argv):
         epoch_key=key,
         desc="sampling",
     )
+    scores = to_host(rollout.scores)  # a collective: every process, before process 0 writes
     if jax.process_index() != 0:
         return
     out = Path(_OUTDIR.value)
     out.mkdir(parents=True, exist_ok=True)
-    scores = {name: np.asarray(v) for name, v in rollout.scores.items()}
     finite = lambda x: float(x) if math.isfinite(x) else None
     index = []
     for i in range(n * k):

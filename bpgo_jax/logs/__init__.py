@@ -8,20 +8,26 @@ Weights & Biases run, both with the same rows, grids and videos. Each
 backend is a `MetricsWriter` (`write_scalars`, `write_images`,
 `write_video`, `close`).
 Only process 0 writes, so rows and images must already be on the host: a
-multi-process run reads its global arrays with `rollout.step.to_host` on
+multi-process run reads its global arrays with `parallel.host.to_host` on
 every process (a collective) before handing them to the logger.
+
+The workdir may be an object-store URL (`gs://bucket/run`): metrics.jsonl is
+then rewritten whole after each row (`jsonl.JsonlWriter`), grids are
+whole-object writes, and TensorBoard's event file is written locally and
+uploaded after each row (`tensorboard.TensorBoardWriter`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from bpgo_jax.checkpoint.paths import workdir_path
 from bpgo_jax.logs.images import LatestImageWriter, captioned_grid, save_png, save_sample
 from bpgo_jax.logs.jsonl import JsonlWriter, jsonable, truncate_jsonl
 from bpgo_jax.logs.video import DEFAULT_FPS, captioned_video, save_gif, save_mp4
@@ -59,7 +65,7 @@ class RunLogger:
 
     def __init__(
         self,
-        workdir: str | Path,
+        workdir: str | os.PathLike,
         log_config: Mapping[str, Any] | None = None,
         run_config: Mapping[str, Any] | None = None,
         *,
@@ -67,14 +73,15 @@ class RunLogger:
         metrics_file: str = "metrics.jsonl",
     ):
         self.enabled = jax.process_index() == 0
-        self.workdir = Path(workdir)
+        self.workdir = workdir_path(workdir)
         self.metrics_path = self.workdir / metrics_file
         self.writers: list[MetricsWriter] = []
         if not self.enabled:
             return
         log_config = log_config if log_config is not None else {}
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.writers = [JsonlWriter(self.metrics_path), LatestImageWriter(self.workdir)]
+        self._jsonl = JsonlWriter(self.metrics_path)
+        self.writers = [self._jsonl, LatestImageWriter(self.workdir)]
         if tensorboard if tensorboard is not None else log_config.get("tensorboard", False):
             from bpgo_jax.logs.tensorboard import TensorBoardWriter
 
@@ -140,6 +147,7 @@ class RunLogger:
         """
         if self.enabled:
             truncate_jsonl(self.metrics_path, value, key=key)
+            self._jsonl.reload()
 
     def close(self) -> None:
         """Closes every writer, then raises the first error any of them raised."""

@@ -6,14 +6,15 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import textwrap
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from bpgo_jax.checkpoint.paths import store_path
 from bpgo_jax.checkpoint.workdir import atomic_write
 from bpgo_jax.logs import video
 
@@ -42,21 +43,21 @@ def captioned_grid(images: np.ndarray, captions: list[str], *, tile: int = 128) 
     return np.asarray(canvas)
 
 
-def save_png(path: str | Path, image: np.ndarray) -> None:
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """A uint8 [H, W, 3] image as a PNG, written atomically (never a torn file)."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     atomic_write(path, buffer.getvalue())
 
 
-def save_sample(directory: str | Path, stem: str, sample: np.ndarray, fps: float) -> dict:
+def save_sample(directory: str | os.PathLike, stem: str, sample: np.ndarray, fps: float) -> dict:
     """One sample: an image (float [H, W, 3] in [0, 1]) as `stem.png`, a video
     ([F, H, W, 3]) as `stem.gif` and, with imageio-ffmpeg installed, `stem.mp4`.
 
     Returns the index fields naming what was written: `file` (the PNG or GIF),
     and for a video `frames` and `mp4` (null when not written).
     """
-    directory = Path(directory)
+    directory = store_path(directory)
     sample = np.asarray(sample)
     if sample.ndim == 3:
         save_png(directory / f"{stem}.png", video.to_uint8(sample))
@@ -72,8 +73,8 @@ class LatestImageWriter:
     """Keeps the newest grid of each tag as WORKDIR/<tag>_latest.png ('/' -> '_'), and of
     each video tag as <tag>_latest.gif and, with imageio-ffmpeg installed, <tag>_latest.mp4."""
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = store_path(directory)
         self._warned_mp4 = False
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:

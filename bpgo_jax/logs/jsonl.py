@@ -4,6 +4,14 @@ Values are plain JSON: arrays of one element become numbers, larger ones
 lists, and non-finite floats null (JSON has no NaN). A resumed run first
 drops the rows of the epochs (or steps) it is about to compute again
 (`truncate_jsonl`), so the file holds what an uninterrupted run writes.
+
+On an object store (a `gs://` workdir) an object cannot be appended to: the
+writer keeps the file's lines in memory (read back once, after the resume's
+truncation) and writes the whole object after each row. The object is one
+PUT, so a reader sees the rows up to one epoch or the next, never a torn
+line; the same `metrics.jsonl` is read back on resume and by users. A row
+costs a write of the whole file: a few kB per epoch, trivial beside an
+epoch's compute.
 """
 
 from __future__ import annotations
@@ -11,13 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from bpgo_jax.checkpoint.paths import is_remote, store_path
 from bpgo_jax.checkpoint.workdir import atomic_write
 from bpgo_jax.errors import WorkdirError
 
@@ -41,14 +50,27 @@ def jsonable(value: Any) -> Any:
 
 
 class JsonlWriter:
-    """Appends each record as one line of `path` (the record carries its own epoch/step)."""
+    """Appends each record as one line of `path` (the record carries its own epoch/step);
+    on an object store rewrites the whole object from the lines it holds."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike):
+        self.path = store_path(path)
+        self._remote = is_remote(self.path)
+        self._lines: list[str] | None = None  # object stores: the file's lines so far
+
+    def reload(self) -> None:
+        """Forgets the lines held for an object store (the file was rewritten elsewhere)."""
+        self._lines = None
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         del step  # the row's own "epoch" / "samples_seen" / "step" fields index it
         line = json.dumps({k: jsonable(v) for k, v in scalars.items()}) + "\n"
+        if self._remote:
+            if self._lines is None:
+                self._lines = _read_lines(self.path)
+            self._lines.append(line)
+            atomic_write(self.path, "".join(self._lines))
+            return
         try:
             with open(self.path, "a") as f:
                 f.write(line)
@@ -67,14 +89,24 @@ class JsonlWriter:
         pass
 
 
-def truncate_jsonl(path: str | Path, value: int, *, key: str = "epoch") -> None:
+def _read_lines(path) -> list[str]:
+    """The lines of `path`, each ending in a newline ([] when there is no file)."""
+    try:
+        text = path.read_text() if path.exists() else ""
+    except OSError as err:
+        raise WorkdirError(f"cannot read {path}: {err.strerror or err}") from err
+    return [line + "\n" for line in text.splitlines()]
+
+
+def truncate_jsonl(path: str | os.PathLike, value: int, *, key: str = "epoch") -> None:
     """Keeps the rows of `path` whose `key` is < `value` (rows without it stay).
 
     Rewritten atomically (a temporary file in the same directory, then
-    `os.replace`). A line that is not a JSON object (the torn last line of a
-    killed run) is dropped with a warning.
+    `os.replace`; on an object store one whole-object write). A line that is
+    not a JSON object (the torn last line of a killed run) is dropped with a
+    warning.
     """
-    path = Path(path)
+    path = store_path(path)
     if not path.exists():
         return
     lines = path.read_text().splitlines()

@@ -90,7 +90,7 @@ def encode_gif(frames: np.ndarray, fps: float = DEFAULT_FPS) -> bytes:
     return buffer.getvalue()
 
 
-def save_gif(path: str | Path, frames: np.ndarray, fps: float = DEFAULT_FPS) -> None:
+def save_gif(path: str | os.PathLike, frames: np.ndarray, fps: float = DEFAULT_FPS) -> None:
     """`frames` as a GIF at `path`, written atomically."""
     atomic_write(path, encode_gif(frames, fps))
 
@@ -130,7 +130,7 @@ def encode_mp4(frames: np.ndarray, fps: float = DEFAULT_FPS) -> bytes:
         return Path(path).read_bytes()
 
 
-def save_mp4(path: str | Path, frames: np.ndarray, fps: float = DEFAULT_FPS) -> bool:
+def save_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = DEFAULT_FPS) -> bool:
     """`frames` as an MP4 at `path` (atomically); False, writing nothing, without imageio-ffmpeg."""
     if not mp4_available():
         return False

@@ -7,19 +7,22 @@ logs into the same wandb run (`resume="allow"`); wandb's files go under
 WORKDIR/wandb (with `mode="offline"` that is all it writes, for `wandb sync`).
 wandb steps only grow: rows a resumed run computes again (the epochs after
 its last checkpoint) keep the values first sent, while metrics.jsonl holds
-the recomputed ones.
+the recomputed ones. wandb writes local files only: for an object-store
+workdir (`gs://`) the run id is kept in the workdir as usual and wandb's files
+go under ./wandb of the working directory (wandb's default).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import secrets
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bpgo_jax.checkpoint.paths import is_remote, workdir_path
 from bpgo_jax.checkpoint.workdir import atomic_write
 from bpgo_jax.errors import ConfigError
 from bpgo_jax.logs.video import encode_gif
@@ -33,7 +36,7 @@ class WandbWriter:
 
     def __init__(
         self,
-        workdir: str | Path,
+        workdir: str | os.PathLike,
         *,
         project: str,
         entity: str = "",
@@ -49,7 +52,7 @@ class WandbWriter:
             raise ConfigError(
                 "log.wandb.enabled=True needs the wandb package (pip install wandb)"
             ) from err
-        workdir = Path(workdir)
+        workdir = workdir_path(workdir)
         id_file = workdir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else ""
         if not run_id:
@@ -61,7 +64,7 @@ class WandbWriter:
             entity=entity or None,
             name=run_name or None,
             mode=mode,
-            dir=str(workdir),
+            dir=None if is_remote(workdir) else str(workdir),
             id=run_id,
             resume="allow",
             config=dict(run_config or {}),

@@ -379,11 +379,19 @@ def torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def place(arr: np.ndarray, path: Path, dtype: Any, sharding_fn: ShardingFn | None) -> jax.Array:
-    """Cast on the host, then onto its device(s); 0-d tensors keep their shape."""
+    """Cast on the host, then onto its device(s); 0-d tensors keep their shape.
+
+    With a sharding, each process places only the shards its own devices hold,
+    sliced from the host tensor (`jax.make_array_from_callback`): in a
+    multi-process run every process has read the whole tensor, and a
+    `device_put` of a global sharding may send the whole of it to every
+    device before slicing.
+    """
     arr = np.asarray(arr.astype(jnp.dtype(dtype), copy=False), order="C")
     if sharding_fn is None:
         return jax.device_put(arr)
-    return jax.device_put(arr, sharding_fn(path, arr.shape))
+    sharding = sharding_fn(path, arr.shape)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
 
 
 def read_params(

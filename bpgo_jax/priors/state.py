@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpgo_jax.parallel.host import to_host
+
 KINDS = ("fixed", "moving_average", "reference", "first_frame")
 STATIC_KINDS = ("fixed", "first_frame")  # values given at init, never updated
 
@@ -55,7 +57,8 @@ def _check_ids(state: PriorState, prompt_ids: jax.Array) -> tuple[jax.Array, jax
         raise ValueError(f"prompt_ids must be a 1-D integer array, got {ids.dtype}{ids.shape}")
     num = state.values.shape[0]
     if _concrete(prompt_ids):
-        bad = np.asarray(ids)[(np.asarray(ids) < 0) | (np.asarray(ids) >= num)]
+        host = to_host(ids)  # ids may be a global array split over other processes
+        bad = host[(host < 0) | (host >= num)]
         if bad.size:
             raise ValueError(f"prompt_ids out of range [0, {num}): {bad[:8].tolist()}")
     ids = ids.astype(jnp.int32)

@@ -138,24 +138,6 @@ def local_rows(batch_sharding: NamedSharding, num_rows: int) -> np.ndarray:
     return np.concatenate([np.arange(lo, hi) for lo, hi in starts]).astype(np.int32)
 
 
-def to_host(tree: Any) -> Any:
-    """Every array of `tree` whole, as numpy, on every host: the one way host code
-    reads device results.
-
-    A leaf split over other hosts' devices is all-gathered, a collective that
-    every process must reach at the same point of the program (the loop runs
-    the same host code everywhere, so it does). Replicated and single-host
-    leaves are read from a local device.
-    """
-
-    def gather(x: Any) -> Any:
-        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
-            return multihost_utils.process_allgather(x, tiled=True)
-        return x
-
-    return jax.tree.map(np.asarray, jax.device_get(jax.tree.map(gather, tree)))
-
-
 def from_host(tree: Any, shardings: Any) -> Any:
     """`tree` placed on `shardings` (a matching tree, or one sharding for all), for
     values every process holds alike (a seeded init, config constants, the

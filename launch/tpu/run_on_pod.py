@@ -26,10 +26,15 @@ hosts), the coordinator spelt out from SLURM's environment under `srun`
   and resumes from its checkpoint).
 - slurm: one `srun` task per node, each driving the node's GPUs.
 
-`--workdir` (appended to the command) may be a GCS path, gs://BUCKET/PATH,
-for tpu_vm and xpk: the bucket is mounted with Cloud Storage FUSE at
+`--workdir` (appended to the command) may be a GCS path, gs://BUCKET/PATH.
+With `--gcs=native` the command gets the gs:// URL itself and writes to the
+bucket through its own clients (Orbax's checkpoints through TensorStore, the
+other files through gcsfs: install with `pip install -e '.[tpu,gcs]'`); the
+workdir's lock is then a lock object in the bucket, so a second run on the
+same workdir is refused from any host (docs/pods.md). With `--gcs=fuse` (the
+default; tpu_vm and xpk) the bucket is mounted with Cloud Storage FUSE at
 `--mount_root/BUCKET` on every worker (tpu_vm: `gcsfuse`; xpk: `xpk storage
-attach --type=gcsfuse`) and the run writes there, checkpoints included.
+attach --type=gcsfuse`) and the run writes to that local path.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from bpgo_jax import runtime
 from bpgo_jax.errors import EXIT_ERROR, UserError
 
 TARGETS = ("tpu_vm", "xpk", "slurm")
+GCS_MODES = ("fuse", "native")  # how a gs:// --workdir reaches the command
 # Commands whose processes join one multi-process job (`runtime.define_distributed_flags`).
 DISTRIBUTED = ("launch/train.py", "bpgo-train")
 _GCS = re.compile(r"gs://([a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(/.*)?")
@@ -62,6 +68,7 @@ class Options(NamedTuple):
     target: str
     command: tuple[str, ...]
     workdir: str = ""
+    gcs: str = "fuse"
     env: tuple[str, ...] = ()
     setup: tuple[str, ...] = ()
     copy: tuple[str, ...] = ()
@@ -89,15 +96,32 @@ class Options(NamedTuple):
     port: int = 12355
 
 
-def gcs_mount(workdir: str, mount_root: str) -> tuple[str, str] | None:
-    """`(bucket, local path)` of a gs:// workdir mounted under `mount_root`, else None."""
+def _gcs_match(workdir: str) -> re.Match | None:
+    """The bucket and path of a gs:// workdir (None for another path); raises for a bad one."""
     if not workdir.startswith("gs://"):
         return None
     match = _GCS.fullmatch(workdir.rstrip("/"))
     if not match:
         raise UserError(f"--workdir={workdir}: not gs://BUCKET/PATH with a valid bucket name")
+    return match
+
+
+def gcs_mount(workdir: str, mount_root: str) -> tuple[str, str] | None:
+    """`(bucket, local path)` of a gs:// workdir mounted under `mount_root`, else None."""
+    match = _gcs_match(workdir)
+    if match is None:
+        return None
     bucket = match[1]
     return bucket, f"{mount_root.rstrip('/')}/{bucket}{match[2] or ''}"
+
+
+def _mount(opts: Options) -> tuple[str, str] | None:
+    """The FUSE mount of a gs:// workdir with `--gcs=fuse`; None when the command
+    writes the URL itself (`--gcs=native`) or the workdir is a path."""
+    if opts.gcs == "native":
+        _gcs_match(opts.workdir)  # a bad bucket name still fails here
+        return None
+    return gcs_mount(opts.workdir, opts.mount_root)
 
 
 def job_command(opts: Options, workdir: str) -> list[str]:
@@ -142,7 +166,7 @@ def _gcloud(opts: Options, verb: str, *args: str) -> list[str]:
 def _tpu_vm(opts: Options) -> list[list[str]]:
     if not opts.name or not opts.zone:
         raise UserError("--target=tpu_vm needs --name (the TPU VM) and --zone")
-    mount = gcs_mount(opts.workdir, opts.mount_root)
+    mount = _mount(opts)
     steps = [
         _gcloud(opts, "scp", path, f"{opts.name}:{opts.repo_dir}/{path}") for path in opts.copy
     ]
@@ -174,7 +198,7 @@ def _xpk(opts: Options) -> list[list[str]]:
     where = [f"--cluster={opts.cluster}"]
     where += [f"--project={opts.project}"] if opts.project else []
     where += [f"--zone={opts.zone}"] if opts.zone else []
-    steps, mount = [], gcs_mount(opts.workdir, opts.mount_root)
+    steps, mount = [], _mount(opts)
     if mount:
         bucket, _ = mount
         attach = ["xpk", "storage", "attach", f"{bucket}-fuse", "--type=gcsfuse"]
@@ -196,11 +220,12 @@ def _xpk(opts: Options) -> list[list[str]]:
 
 
 def _slurm(opts: Options) -> list[list[str]]:
-    if opts.workdir.startswith("gs://"):
+    if opts.workdir.startswith("gs://") and opts.gcs != "native":
         raise UserError(
             f"--workdir={opts.workdir}: a SLURM job writes to a filesystem every node shares "
-            "(e.g. /shared/runs/NAME), not to GCS"
+            "(e.g. /shared/runs/NAME), or to GCS itself with --gcs=native"
         )
+    _gcs_match(opts.workdir)
     if opts.copy or opts.detach:
         raise UserError("--copy and --detach are for --target=tpu_vm")
     srun = ["srun", f"--nodes={opts.nodes}", "--ntasks-per-node=1"]
@@ -215,6 +240,8 @@ def plan(opts: Options) -> list[list[str]]:
     """The commands that run `opts.command` on `opts.target`, in order (argv lists)."""
     if opts.target not in TARGETS:
         raise UserError(f"--target={opts.target} is not one of {', '.join(TARGETS)}")
+    if opts.gcs not in GCS_MODES:
+        raise UserError(f"--gcs={opts.gcs} is not one of {', '.join(GCS_MODES)}")
     for item in opts.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", item):
             raise UserError(f"--env={item}: write NAME=VALUE")
@@ -226,7 +253,14 @@ def define_flags() -> None:
     d = Options._field_defaults
     flags.DEFINE_enum("target", None, TARGETS, "Where to run: a TPU VM pod, GKE via xpk, SLURM.")
     flags.DEFINE_bool("dry_run", False, "Print the commands, one a line; run none.")
-    flags.DEFINE_string("workdir", "", "The run's --workdir: a path, or gs://BUCKET/PATH (FUSE).")
+    flags.DEFINE_string("workdir", "", "The run's --workdir: a path, or gs://BUCKET/PATH.")
+    flags.DEFINE_enum(
+        "gcs",
+        d["gcs"],
+        GCS_MODES,
+        "How a gs:// --workdir reaches the command: native (the URL; the run writes to GCS "
+        "itself) or fuse (a Cloud Storage FUSE mount; tpu_vm, xpk).",
+    )
     flags.DEFINE_multi_string("env", [], "NAME=VALUE set for the command (repeatable).")
     flags.DEFINE_multi_string(
         "setup", [], "A shell command run first in every process (tpu_vm: in the home directory)."
