@@ -35,7 +35,7 @@ from bpgo_jax.models.clip.modules import CLIPModel
 _VISION_HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
 _TEXT_HEAD_WIDTH = 64
 
-BLOCK_NAMES = {
+_BLOCK = {
     "ln_1": "layer_norm1",
     "ln_2": "layer_norm2",
     "attn.out_proj": "self_attn.out_proj",
@@ -63,6 +63,30 @@ _TRANSPOSED = {
 _RESBLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
 _IN_PROJ = re.compile(r"^attn\.in_proj_(weight|bias)$")
 _PARAM = re.compile(r"^(.+)\.(weight|bias)$")
+
+
+# The tensors of one residual block, by their name after `transformer.resblocks.N.`.
+RESBLOCK_TENSORS = (
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    *(f"{name}.{kind}" for name in _BLOCK for kind in ("weight", "bias")),
+)
+
+Transform = Callable[[np.ndarray], np.ndarray] | None
+
+
+def resblock_parts(rest: str) -> list[tuple[str, Transform]] | None:
+    """Transformers' names within `encoder.layers.N.` of one residual-block tensor
+    (`rest`, e.g. "attn.in_proj_weight"), each with the transform of the stored
+    tensor into it (the fused q/k/v rows split); None when `rest` is no block tensor."""
+    if in_proj := _IN_PROJ.match(rest):
+        return [
+            (f"self_attn.{qkv}.{in_proj[1]}", _qkv_part(i))
+            for i, qkv in enumerate(("q_proj", "k_proj", "v_proj"))
+        ]
+    if (p := _PARAM.match(rest)) and p[1] in _BLOCK:
+        return [(f"{_BLOCK[p[1]]}.{p[2]}", None)]
+    return None
 
 
 def _transposed(arr: np.ndarray) -> np.ndarray:  # `x @ proj` [in, out] -> torch Linear [out, in]
@@ -93,14 +117,11 @@ class OpenClipReader(weights.TensorView):
             self.add(_TRANSPOSED[name], stored, _transposed)
         elif m := _RESBLOCK.match(name):
             tower = "vision_model" if m[1] else "text_model"
-            prefix = f"{tower}.encoder.layers.{m[2]}"
-            if in_proj := _IN_PROJ.match(m[3]):
-                for i, qkv in enumerate(("q_proj", "k_proj", "v_proj")):
-                    self.add(f"{prefix}.self_attn.{qkv}.{in_proj[1]}", stored, _qkv_part(i))
-            elif (p := _PARAM.match(m[3])) and p[1] in BLOCK_NAMES:
-                self.add(f"{prefix}.{BLOCK_NAMES[p[1]]}.{p[2]}", stored)
-            else:
+            parts = resblock_parts(m[3])
+            if parts is None:
                 raise WeightsError(f"unexpected tensor {name!r} in {self.source}")
+            for part, fn in parts:
+                self.add(f"{tower}.encoder.layers.{m[2]}.{part}", stored, fn)
         else:
             raise WeightsError(f"unexpected tensor {name!r} in {self.source}")
 

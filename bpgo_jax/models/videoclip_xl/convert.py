@@ -35,7 +35,7 @@ import numpy as np
 
 from bpgo_jax.errors import WeightsError
 from bpgo_jax.models.clip.config import TextConfig, VisionConfig
-from bpgo_jax.models.clip.openclip import BLOCK_NAMES  # OpenAI CLIP's block names -> transformers'
+from bpgo_jax.models.clip.openclip import RESBLOCK_TENSORS, resblock_parts
 from bpgo_jax.models.videoclip_xl.model import RELEASED, VideoClipXLConfig
 
 TEXT = "text_model."
@@ -137,12 +137,10 @@ def _blocks(src: _Tensors, prefix: str, dest: str, layers: int) -> dict[str, np.
     out = {}
     for i in range(layers):
         block, layer = f"{prefix}transformer.resblocks.{i}.", f"{dest}encoder.layers.{i}."
-        for kind in ("weight", "bias"):
-            fused = src.take(f"{block}attn.in_proj_{kind}")
-            for part, qkv in zip(np.split(fused, 3, axis=0), ("q", "k", "v"), strict=True):
-                out[f"{layer}self_attn.{qkv}_proj.{kind}"] = part
-            for theirs, ours in BLOCK_NAMES.items():
-                out[f"{layer}{ours}.{kind}"] = src.take(f"{block}{theirs}.{kind}")
+        for rest in RESBLOCK_TENSORS:
+            stored = src.take(block + rest)
+            for part, fn in resblock_parts(rest):
+                out[layer + part] = stored if fn is None else fn(stored)
     return out
 
 
