@@ -53,9 +53,9 @@ def read_torch(path: str) -> dict[str, np.ndarray]:
         import torch
     except ModuleNotFoundError:
         raise WeightsError(
-            f"reading the torch checkpoint {path} needs torch (`pip install torch`, the CPU "
-            "build is enough; only this one-time conversion uses it), or give a .safetensors "
-            "file with the same key names"
+            f"reading the torch checkpoint {path} needs torch (`pip install "
+            "'bpgo-jax[convert]'`, the CPU build is enough; only this one-time conversion uses "
+            "it), or give a .safetensors file with the same key names"
         ) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
