@@ -5,15 +5,21 @@
     python benchmarks/model_step.py --preset=sd35_medium --batch=2
     python benchmarks/model_step.py --preset=flux_dev --devices=8 --config.mesh.shape="(1,8)"
     python benchmarks/model_step.py --preset=flux_dev --run          # on an accelerator
+    python benchmarks/model_step.py --preset=wan21_t2v_14b --resolution=480x832 --frames=81 \
+        --lora_rank=32 --remat=full --topology=v5p:2x2x1 --config=configs/wan_t2v.py \
+        --config.mesh.shape="(1,1,4)" --config.mesh.axes="('data','fsdp','context')"
 
 The weights are abstract (`ShapeDtypeStruct`s, nothing drawn or allocated):
 each step is `jax.jit(...).lower(abstract args).compile()`d and XLA's own
 accounts are printed, per device: `memory_analysis()` (arguments, outputs,
-temporaries, generated code) and `cost_analysis()` FLOPs. XLA's cost analysis
-counts a loop body once, so the scanned blocks' FLOPs appear there for one
-block per stack; the `matmul` figure counts every matmul and convolution
-of the program's jaxpr with scan lengths multiplied out (the backward pass,
-and the recomputation that remat adds, included).
+temporaries, generated code) and `cost_analysis()` FLOPs (XLA's figure for
+a partitioned program is one device's; the line also gives all devices').
+XLA's cost analysis counts a loop body once, so the scanned blocks' FLOPs
+appear there for one block per stack; the `matmul` figure counts every
+matmul and convolution of the program's jaxpr with scan lengths multiplied
+out (the backward pass, and the recomputation that remat adds, included):
+the whole program's, divided evenly over the devices for the per-device
+figure.
 
 - rollout step: one guided network call of the sampler at `--batch` samples
   (classifier-free guidance doubles the rows when `sample.guidance_scale` is
@@ -25,15 +31,24 @@ and the recomputation that remat adds, included).
 The config (`--config`, default the shared defaults) gives the sampler, the
 optimiser, the KL term and the mesh block; the preset replaces its model.
 Without `--config` the sampler is FLUX.1's (no classifier-free guidance,
-resolution-dependent shift; schnell unshifted) or Flow-GRPO's SD3.5 one
-(guidance 4.5, shift 3). `flux_tiny` / `sd3_tiny` are the tests' small models.
-`--devices=N` compiles for N devices (fake CPU devices on a CPU host) over
-`config.mesh.shape`, with parameters placed by `config.mesh.rules`. The text
-encoders and the VAE are not run by either step; their weights are counted
-in the parameter lines (and stay resident in a run). `--run` also allocates
-random weights, times each step (median of `--repeats`) and prints seconds
-and MFU: matmul FLOPs / seconds / the device's peak (`--peak_tflops`, or a
-table of dense bf16 peaks by device kind).
+resolution-dependent shift; schnell unshifted), Flow-GRPO's SD3.5 one
+(guidance 4.5, shift 3), or for Wan configs/wan_t2v.py's whole config (CFG
+5, its mesh rules). `flux_tiny` / `sd3_tiny` / `wan_tiny` are the tests'
+small models; `--resolution` is a side or HEIGHTxWIDTH (Wan: 480x832) and
+`--frames` a Wan video's length (1 + 4k). `--devices=N` compiles for N
+devices (fake CPU devices on a CPU host), `--topology=GEN:CHIPS` for a TPU
+slice through libtpu's compile-only devices (as launch/compile.py), over
+`config.mesh.shape` / `config.mesh.axes` (a `context` axis splits each
+sample's tokens in the DiT blocks: sequence parallelism), with parameters
+placed by `config.mesh.rules`. The text encoders and the VAE are not run by
+either step (XLA drops them from its arguments); their weights are counted in
+the parameter lines and in what a device holds resident in a run (weights,
+optimiser state, EMA), which each step's line adds to its own inputs,
+outputs and temporaries and compares with the device's memory (`--hbm_gib`,
+or the device's own / the TPU table). `--run` also allocates random
+weights, times each step (median of `--repeats`) and prints seconds and
+MFU: per-device matmul FLOPs / seconds / the device's peak
+(`--peak_tflops`, or a table of dense bf16 peaks by device kind).
 """
 
 from __future__ import annotations
@@ -58,18 +73,28 @@ PRESETS = (
     "sd35_large",
     "flux_tiny",
     "sd3_tiny",
+    "wan21_t2v_1_3b",
+    "wan21_t2v_14b",
+    "wan_tiny",
 )
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run config (sampler, optimiser, mesh); default: the shared defaults."
 )
 _PRESET = flags.DEFINE_enum("preset", "flux_dev", PRESETS, "Model architecture.")
-_RESOLUTION = flags.DEFINE_integer("resolution", 512, "Image side in pixels.")
+_RESOLUTION = flags.DEFINE_string(
+    "resolution", "512", "Image side, or HEIGHTxWIDTH, in pixels (Wan: 480x832)."
+)
+_FRAMES = flags.DEFINE_integer("frames", 81, "Frames of a Wan video (1 + 4k).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Samples per rollout call and per update micro-batch.")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "names"], "model.remat.")
 _LORA = flags.DEFINE_integer("lora_rank", 0, "LoRA rank on the attention projections; 0: full.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights and compute.")
 _ATTENTION = flags.DEFINE_string("attention", "auto", "model.attention: auto|xla|cudnn|splash.")
 _DEVICES = flags.DEFINE_integer("devices", 1, "Devices to compile for (fake CPU devices on CPU).")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "", "TPU slice to compile for (GEN:CHIPS, e.g. v5p:2x2x1), instead of --devices."
+)
+_HBM = flags.DEFINE_float("hbm_gib", 0.0, "Memory per device in GiB; 0: the device's own.")
 _RUN = flags.DEFINE_bool("run", False, "Also allocate random weights and time both steps.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per step with --run.")
 _PEAK = flags.DEFINE_float(
@@ -92,15 +117,34 @@ def _count(tree: Any) -> int:
 # ---------------------------------------------------------------- the model
 
 
+def _size() -> int | tuple[int, int]:
+    """`--resolution` as a side or (height, width)."""
+    text = _RESOLUTION.value.lower()
+    try:
+        sides = tuple(int(v) for v in text.split("x"))
+    except ValueError:
+        sides = ()
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        raise UserError(f"--resolution={_RESOLUTION.value!r} is not a side or HEIGHTxWIDTH")
+    return sides[0] if len(sides) == 1 else sides
+
+
 def _model_config(preset_name: str) -> tuple[Any, dict]:
     """`(config.model block, default sample overrides)` of a preset name and the flags."""
     import ml_collections
 
     family, _, size = preset_name.partition("_")
+    family = "wan" if family.startswith("wan") else family
+    fields = {}
     if family == "flux":
         # Guidance-distilled: no classifier-free guidance; FLUX.1's resolution-dependent shift.
         name, preset = "flux", size
         sample = dict(guidance_scale=1.0, dynamic_shift=size != "schnell")
+    elif family == "wan":
+        # configs/wan_t2v.py's sampler (CFG 5, the scheduler's shift) is the default config.
+        name, preset = "wan", "tiny" if size == "tiny" else preset_name
+        sample = {}
+        fields = dict(num_frames=_FRAMES.value, max_sequence_length=0)
     else:
         # Flow-GRPO's SD3.5 sampling: CFG 4.5, shift 3 (the scheduler's).
         name, preset = "sd3", "tiny" if size == "tiny" else preset_name
@@ -111,23 +155,38 @@ def _model_config(preset_name: str) -> tuple[Any, dict]:
             init="random",
             preset=preset,
             dtype=_DTYPE.value,
-            resolution=_RESOLUTION.value,
+            resolution=_size(),
             attention=_ATTENTION.value,
             remat=_REMAT.value,
             lora=dict(rank=_LORA.value, alpha=float(_LORA.value), targets=()),
+            **fields,
         )
     )
     return model, sample
 
 
-def _compiled(stage):
-    """`stage`'s report printed; raises when it did not compile."""
+def _compiled(stage, transient: Any, held: int, hbm: int | None):
+    """`stage`'s report printed with a device's memory in a run: `held` bytes resident
+    (parameters, optimiser state: the unused ones are not the step's arguments), the
+    step's own inputs `transient`, its outputs, temporaries and code; whether that fits
+    `hbm`. Raises when it did not compile."""
+    import dataclasses
+
     from bpgo_jax.parallel import aot
 
+    stage = dataclasses.replace(stage, inputs=aot.device_bytes(transient))
     for line in aot.report_lines(stage):
         print(line)
     if stage.compiled is None:
         raise UserError(f"{stage.name} does not compile for this backend")
+    total = held + stage.inputs + stage.work_bytes
+    line = (
+        f"  in a run, per device: {aot.gib(held)} resident + {aot.gib(stage.inputs)} inputs + "
+        f"{aot.gib(stage.work_bytes)} outputs, temporaries and code = {aot.gib(total)}"
+    )
+    if hbm:
+        line += f" of {aot.gib(hbm)}: {'fits' if total <= hbm else 'DOES NOT FIT'}"
+    print(line)
     return stage
 
 
@@ -178,6 +237,8 @@ def main(argv: list[str]) -> None:
     del argv
     if _DEVICES.value < 1:
         raise UserError(f"--devices={_DEVICES.value} must be >= 1")
+    if _TOPOLOGY.value and (_DEVICES.value > 1 or _RUN.value):
+        raise UserError("--topology compiles only: give it without --devices and --run")
     if _DEVICES.value > 1 and "jax" not in sys.modules:
         runtime.set_cpu_devices(_DEVICES.value)  # fake CPU devices; accelerators unaffected
     import jax
@@ -187,24 +248,35 @@ def main(argv: list[str]) -> None:
     from bpgo_jax.advantages.forms import loss_crt_coef
     from bpgo_jax.build import _gathered
     from bpgo_jax.configs.common import base_config
+    from bpgo_jax.configs.wan_t2v import wan_config
     from bpgo_jax.parallel import aot
     from bpgo_jax.parallel import mesh as mesh_lib
     from bpgo_jax.rollout import samplers
     from bpgo_jax.update.loss import PolicyBatch
     from bpgo_jax.update.step import StepOptions, TrainState, UpdateStep, make_optimizer
 
-    config = _CONFIG.value if _CONFIG.value is not None else base_config()
     model_cfg, sample_defaults = _model_config(_PRESET.value)
+    config = _CONFIG.value
+    if config is None:
+        config = wan_config() if model_cfg.name == "wan" else base_config()
     sample_cfg = ml_collections.ConfigDict(config.sample.to_dict())
     if _CONFIG.value is None:
         sample_cfg.update(sample_defaults)
-    devices = jax.devices()
-    if len(devices) < _DEVICES.value:
-        raise UserError(
-            f"--devices={_DEVICES.value}: only {len(devices)} {devices[0].platform} device(s); "
-            "fake devices exist on a CPU host only (JAX_PLATFORMS=cpu)"
-        )
-    devices = devices[: _DEVICES.value]
+    if _TOPOLOGY.value:
+        try:
+            devices = aot.topology_devices(_TOPOLOGY.value)
+        except ValueError as err:
+            raise UserError(f"--topology={_TOPOLOGY.value}: {err}") from None
+    else:
+        devices = jax.devices()
+        if len(devices) < _DEVICES.value:
+            raise UserError(
+                f"--devices={_DEVICES.value}: only {len(devices)} {devices[0].platform} "
+                "device(s); fake devices exist on a CPU host only (JAX_PLATFORMS=cpu)"
+            )
+        devices = devices[: _DEVICES.value]
+    platform = devices[0].platform
+    hbm = int(_HBM.value * 2**30) or aot.hbm_bytes(devices[0])
     try:
         mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes, devices)
     except ValueError as err:
@@ -217,7 +289,8 @@ def main(argv: list[str]) -> None:
 
     dtype = jnp.dtype(_DTYPE.value)
     try:
-        model, trainable, frozen = aot.abstract_model(model_cfg)
+        with aot.tracing_for(platform):  # shapes traced with the target's attention kernels
+            model, trainable, frozen = aot.abstract_model(model_cfg)
     except ConfigError as err:
         raise UserError(
             f"--preset={_PRESET.value} --resolution={_RESOLUTION.value}: {err}"
@@ -236,8 +309,9 @@ def main(argv: list[str]) -> None:
         f"kl_beta={config.train.kl_beta}"
     )
     print(
-        f"backend {jax.default_backend()} ({devices[0].device_kind}), "
-        f"mesh {dict(mesh.shape)} over {len(devices)} device(s)"
+        f"backend {platform} ({devices[0].device_kind}), "
+        f"mesh {dict(mesh.shape)} over {len(devices)} device(s), "
+        f"{aot.gib(hbm) if hbm else 'unknown memory'} per device"
     )
     parts = {"transformer": trainable.get("transformer", frozen.get("transformer"))}
     parts.update({k: v for k, v in frozen.items() if k != "transformer"})
@@ -255,8 +329,9 @@ def main(argv: list[str]) -> None:
     batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
     trainable_a, frozen_a = placed(trainable), placed(frozen)
     tokens = model.tokenize(["a photograph of an astronaut riding a horse"] * b)
-    cond = jax.eval_shape(model.encode_text, frozen, tokens)
-    uncond = jax.eval_shape(model.encode_text, frozen, tokens[:1])
+    with aot.tracing_for(platform):
+        cond = jax.eval_shape(model.encode_text, frozen, tokens)
+        uncond = jax.eval_shape(model.encode_text, frozen, tokens[:1])
     shape = model.latent_shape
     t_steps = sampler.num_steps
 
@@ -276,21 +351,6 @@ def main(argv: list[str]) -> None:
         )
         mean, std = samplers.transition(sampler, jnp.full((x.shape[0],), k), x, out)
         return mean + std * samplers.step_noise(keys, k, shape), out
-
-    x_a = jax.ShapeDtypeStruct((b, *shape), jnp.float32, sharding=batch_sh)
-    k_a = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
-    rollout_fn = jax.jit(rollout_call, out_shardings=batch_sh)
-    rollout_args = (trainable_a, frozen_a, x_a, k_a, cond_a, uncond_a, key_a)
-    platform = devices[0].platform
-    r_flops = _compiled(
-        aot.compile_stage(
-            "rollout step (one guided network call)",
-            rollout_fn,
-            rollout_args,
-            platform=platform,
-            mesh=mesh,
-        )
-    ).flops
 
     opts = StepOptions(
         model=model,
@@ -316,6 +376,30 @@ def main(argv: list[str]) -> None:
     )
     state_sh = mesh_lib.tree_shardings(state, mesh, rules)
     state_a = aot.placed(state, state_sh)
+    ref_a = trainable_a if config.train.kl_beta else None
+    resident = aot.device_bytes((state_a, frozen_a, ref_a))
+    print(
+        f"resident per device: {aot.gib(resident)} (trainable, optimiser state, EMA, frozen"
+        f"{', reference' if ref_a is not None else ''})"
+    )
+
+    x_a = jax.ShapeDtypeStruct((b, *shape), jnp.float32, sharding=batch_sh)
+    k_a = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
+    rollout_fn = jax.jit(mesh_lib.on_mesh(rollout_call, mesh), out_shardings=batch_sh)
+    rollout_args = (trainable_a, frozen_a, x_a, k_a, cond_a, uncond_a, key_a)
+    r_flops = _compiled(
+        aot.compile_stage(
+            "rollout step (one guided network call)",
+            rollout_fn,
+            rollout_args,
+            platform=platform,
+            mesh=mesh,
+        ),
+        (x_a, cond_a, uncond_a, key_a),
+        resident,
+        hbm,
+    ).flops_per_device
+
     policy = PolicyBatch(
         latents=jax.ShapeDtypeStruct((b, t_steps + 1, *shape), jnp.float32, sharding=batch_sh),
         outputs=jax.ShapeDtypeStruct((b, t_steps, *shape), jnp.float32, sharding=batch_sh),
@@ -324,7 +408,6 @@ def main(argv: list[str]) -> None:
         ras_weights=jax.ShapeDtypeStruct((b,), jnp.float32, sharding=batch_sh),
         crt_advantages=jax.ShapeDtypeStruct((b,), jnp.float32, sharding=batch_sh),
     )
-    ref_a = trainable_a if config.train.kl_beta else None
     update = UpdateStep(opts, accumulate="scan", state_shardings=state_sh, metric_sharding=repl)
     update_fn = update.jitted["train_step"]
     update_args = (state_a, policy, frozen_a, ref_a, uncond_a)
@@ -335,11 +418,14 @@ def main(argv: list[str]) -> None:
             update_args,
             platform=platform,
             mesh=mesh,
-        )
-    ).flops
+        ),
+        (policy, uncond_a),
+        resident,
+        hbm,
+    ).flops_per_device
     print(
-        "memory: XLA's estimate for this backend's compiler (XLA:CPU on a CPU host; "
-        "GPU/TPU compilers plan buffers differently)"
+        f"memory: XLA's estimate of the {platform.upper()} compiler (XLA:CPU for fake CPU "
+        "devices: GPU compilers plan buffers differently)"
     )
     if not _RUN.value:
         return

@@ -256,7 +256,7 @@ def build_run(
         eval_reward_params=(from_host(eval_rewards.params(), replicated) if eval_rewards else None),
         frozen=frozen,
         uncond_tokens=uncond_tokens,
-        uncond=jax.jit(model.encode_text)(frozen, uncond_tokens),
+        uncond=jax.jit(mesh_lib.on_mesh(model.encode_text, mesh))(frozen, uncond_tokens),
         rollout_fn=compile_rollout(sampler=sampler, reward_set=rewards, init_group=shared),
         eval_fn=(
             compile_rollout(sampler=eval_sampler, reward_set=eval_rewards) if eval_rewards else None
@@ -266,8 +266,10 @@ def build_run(
     return run, trainable
 
 
-def _initial_prior(run: Run) -> prior_lib.PriorState:
-    """The prior before any epoch; a resumed run restores its checkpointed one instead."""
+def _initial_prior(run: Run, resuming: bool = False) -> prior_lib.PriorState:
+    """The prior before any epoch; a resumed run restores its checkpointed one instead, so
+    `resuming` skips the first-frame priors' computation (a reward pass over every prompt's
+    static clip) and leaves zeros of their shape for the restore to fill."""
     config = run.config
     values = None
     if config.prior.kind == "fixed":
@@ -275,7 +277,8 @@ def _initial_prior(run: Run) -> prior_lib.PriorState:
     elif config.prior.kind == "first_frame":
         from bpgo_jax.priors.first_frame import run_first_frame_priors
 
-        values = run_first_frame_priors(run)
+        # A resumed run's checkpointed priors replace these zeros.
+        values = np.zeros(len(run.prompts), np.float32) if resuming else run_first_frame_priors(run)
     return prior_lib.init_prior_state(
         len(run.prompts),
         kind=config.prior.kind,
@@ -308,13 +311,19 @@ def opt_state_shardings(optimizer, trainable: Params, replicated: NamedSharding)
     )
 
 
-def build_training(run: Run, trainable: Params) -> tuple[Training, TrainState]:
-    """Optimiser, compiled advantages / update stages and the initial `TrainState`."""
+def build_training(
+    run: Run, trainable: Params, *, resuming: bool = False
+) -> tuple[Training, TrainState]:
+    """Optimiser, compiled advantages / update stages and the initial `TrainState`.
+
+    `resuming`: a checkpoint will replace the state, so what only a fresh start
+    needs (the first-frame priors) is not computed.
+    """
     config = run.config
     optimizer = make_optimizer(config.train)
     copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
     needs_ref = config.train.kl_beta > 0 or config.prior.kind == "reference"
-    prior = _initial_prior(run)
+    prior = _initial_prior(run, resuming)
     root = jax.random.key(config.seed)
     state = TrainState(
         step=from_host(np.zeros((), np.int32), run.replicated),

@@ -26,7 +26,7 @@ from bpgo_jax.errors import ConfigError
 from bpgo_jax.models import tiny
 from bpgo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from bpgo_jax.models.scan import REMAT_POLICIES
-from bpgo_jax.parallel.mesh import BATCH_AXES
+from bpgo_jax.parallel.mesh import CONTEXT_AXIS, MESH_AXES
 from bpgo_jax.prompts import PromptSet, load_prompts
 from bpgo_jax.rollout import schedules
 
@@ -446,7 +446,8 @@ def _check_dit(config: ml_collections.ConfigDict) -> None:
 
 def _check_wan(model: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
     """Wan: `1 + 4k` frames (the VAE's causal chunks); text-to-video presets, or
-    image-to-video with conditioning prompts (`model.condition_prompts`)."""
+    image-to-video with conditioning prompts (`model.condition_prompts`): Wan2.2 I2V-A14B,
+    TI2V-5B (one transformer, 32-pixel grid) or a folder's."""
     frames = model.get("num_frames", 81)
     _check(
         _is_int(frames) and frames >= 1 and (frames - 1) % 4 == 0,
@@ -459,6 +460,7 @@ def _check_wan(model: ml_collections.ConfigDict, config: ml_collections.ConfigDi
         f"model.vae_batch_chunk={chunk!r} must be an integer >= 0 (0: decode every video at once)",
     )
     i2v = bool(model.get("condition_prompts", ""))
+    ti2v = False
     if model.get("init", "random") == "random":
         from bpgo_jax.models.wan.presets import PRESETS
 
@@ -466,10 +468,12 @@ def _check_wan(model: ml_collections.ConfigDict, config: ml_collections.ConfigDi
         preset = PRESETS.get(name, {})
         if i2v:
             _check(
-                name == "wan22_i2v_a14b",
+                name in ("wan22_i2v_a14b", "wan22_ti2v_5b"),
                 f"model.preset={name!r}: image-to-video with random weights builds "
-                "'wan22_i2v_a14b' (Wan2.1 I2V needs a folder with its CLIP image encoder)",
+                "'wan22_i2v_a14b' or 'wan22_ti2v_5b' (Wan2.1 I2V needs a folder with its CLIP "
+                "image encoder)",
             )
+            ti2v = bool(preset.get("expand_timesteps"))
         else:
             _check(
                 preset.get("transformer_2") is None and not preset.get("expand_timesteps"),
@@ -496,6 +500,19 @@ def _check_wan(model: ml_collections.ConfigDict, config: ml_collections.ConfigDi
         f"model.lora.experts={experts!r} must name 'transformer' and/or 'transformer_2' "
         "(empty: every expert)",
     )
+    if ti2v:
+        _check(
+            set(experts) <= {"transformer"},
+            f"model.lora.experts={experts!r}: Wan2.2 TI2V-5B has one transformer "
+            "('transformer'; empty: it)",
+        )
+        resolution = model.get("resolution", None)
+        sides = tuple(resolution) if isinstance(resolution, tuple | list) else (resolution,)
+        _check(
+            all(v is None or v % 32 == 0 for v in sides),
+            f"model.resolution={resolution!r}: Wan2.2 TI2V-5B needs multiples of 32 (16x VAE, "
+            "2x2 patches)",
+        )
     _check(
         not model.get("text_cache", ""),
         "model.text_cache is not read by image-to-video runs (the prompt rows carry the "
@@ -706,9 +723,9 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
         f"mesh.shape={shape!r} must be sizes >= 1, with at most one -1 (the remaining devices)",
     )
     for axis in axes:
-        close = difflib.get_close_matches(str(axis), BATCH_AXES, n=1)
+        close = difflib.get_close_matches(str(axis), MESH_AXES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        _check(axis in BATCH_AXES, f"mesh.axes: unknown axis {axis!r}, known: {BATCH_AXES}{hint}")
+        _check(axis in MESH_AXES, f"mesh.axes: unknown axis {axis!r}, known: {MESH_AXES}{hint}")
     _check(len(set(axes)) == len(axes), f"mesh.axes={axes!r} names an axis twice")
     _check(
         len(shape) == len(axes),
@@ -732,11 +749,26 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _batch_shards(mesh: ml_collections.ConfigDict, num_devices: int) -> int:
+    """How many shards a batch has on `mesh` over `num_devices`: the devices not split along
+    the `context` axis (which divides a sample's tokens, not the batch)."""
+    shape, axes = list(mesh.shape), tuple(mesh.axes)
+    if CONTEXT_AXIS not in axes:
+        return num_devices
+    context = shape[axes.index(CONTEXT_AXIS)]
+    if context == -1:
+        others = math.prod(s for s in shape if s != -1)
+        context = max(num_devices // others, 1)
+    # A shape that does not fit the devices is refused by name when the mesh is made.
+    return num_devices // context if num_devices % context == 0 else num_devices
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int = 1) -> dict:
     """Checks the whole config; returns `batch_layout`.
 
-    `num_devices` is the number of batch shards (data x fsdp). Reads no file
-    and touches no device (plugins are imported: they register rewards).
+    `num_devices` is the number of devices of the mesh (the batch is split over those
+    not along `context`). Reads no file and touches no device (plugins are imported:
+    they register rewards).
     """
     _load_plugins(config.get("plugins", ()))
     _check_scalars(config)
@@ -753,7 +785,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int
     wandb = config.log.get("wandb", None)
     if wandb is not None and wandb.get("enabled", False):
         _check(bool(wandb.get("project", "")), "log.wandb.project is empty (log.wandb.enabled)")
-    return batch_layout(config, num_devices, num_hosts)
+    return batch_layout(config, _batch_shards(config.mesh, num_devices), num_hosts)
 
 
 # ------------------------------------------------------------------ inputs

@@ -79,12 +79,12 @@ def train(
     with lock_workdir(workdir):
         check_run_config(workdir, config, allow_change=allow_config_change)
         run, trainable = build_run(config, checked=checked)
-        training, state = build_training(run, trainable)
         ckpt = Checkpointer(
             workdir / "checkpoints",
             keep=config.checkpoint.keep,
             use_async=config.checkpoint.use_async,
         )
+        training, state = build_training(run, trainable, resuming=ckpt.latest() is not None)
         logger = RunLogger(workdir, config.log, run_config=config_record(config))
         try:
             state, progress = restore(ckpt, state, training)

@@ -142,6 +142,32 @@ def test_splash_runs_per_batch_shard_under_a_mesh():
     np.testing.assert_allclose(out, attention(q, k, v, implementation="xla"), atol=2e-6)
 
 
+@pytest.mark.parametrize(
+    ("b", "h", "layout"),
+    [(1, 2, ((), ("fsdp",))), (2, 4, (("fsdp",), ("data",))), (3, 3, ((), ()))],
+)
+def test_splash_with_a_batch_the_mesh_does_not_split_runs_in_a_shard_map(b, h, layout):
+    """One sample, CFG halves, a VAE call: split over the heads where they divide, else every
+    device computes the call; never left to GSPMD (which cannot partition the kernel)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from bpgo_jax.models.attention import SplashLayout, splash_layout
+
+    mesh = mesh_lib.make_mesh((4, 2))
+    q, k, v = _qkv(b=b, lq=20, lk=20, h=h, d=8, seed=7)
+    with jax.set_mesh(mesh):
+        assert splash_layout(b, h, 20, False) == SplashLayout(*layout)
+    fn = jax.jit(
+        mesh_lib.on_mesh(
+            lambda q, k, v: attention(q, k, v, implementation="splash", interpret=True), mesh
+        )
+    )
+    args = jax.device_put((q, k, v), NamedSharding(mesh, P()))
+    assert "manual_computation" in fn.lower(*args).as_text()
+    np.testing.assert_allclose(fn(*args), attention(q, k, v, implementation="xla"), atol=2e-6)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
 def test_cudnn_matches_xla():
     q, k, v = _qkv(b=2, lq=256, lk=256, h=4, d=64, dtype=jnp.bfloat16)

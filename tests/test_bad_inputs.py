@@ -137,11 +137,11 @@ VALIDATE_ROWS = [
     ),
     (
         {"mesh.axes": ("data", "model")},
-        "mesh.axes: unknown axis 'model', known: ('data', 'fsdp')",
+        "mesh.axes: unknown axis 'model', known: ('data', 'fsdp', 'context')",
     ),
     (
         {"mesh.axes": ("data", "fsdpp")},
-        "mesh.axes: unknown axis 'fsdpp', known: ('data', 'fsdp'); did you mean 'fsdp'?",
+        "mesh.axes: unknown axis 'fsdpp', known: ('data', 'fsdp', 'context'); did you mean 'fsdp'?",
     ),
     (
         {"mesh.shape": (2, 2, 1)},

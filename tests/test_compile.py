@@ -184,6 +184,50 @@ def test_abstract_model_has_the_built_models_shapes(name, fields):
     assert abstract.prediction_type == model.prediction_type
 
 
+# A one-block Wan transformer (the tiny preset's widths), for the 14B presets' structure.
+TINY_WAN = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=1,
+)
+TINY_WAN_VAE = dict(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+
+
+def test_abstract_wan_models_have_the_built_models_shapes(tmp_path):
+    """Text-to-video, and Wan2.2 image-to-video's two experts (LoRA on one), from presets."""
+    import json
+
+    from PIL import Image
+
+    lines = []
+    for i, colour in enumerate(((200, 30, 30), (20, 160, 90))):
+        Image.new("RGB", (20, 12), colour).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"prompt": f"prompt {i}", "image": f"{i}.png"}))
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    t2v = _model_config("wan_tiny_test", init="random", preset="tiny", vae=TINY_WAN_VAE)
+    i2v = _model_config(
+        "wan_i2v_tiny_test",
+        init="random",
+        preset="wan22_i2v_a14b",
+        condition_prompts=str(tmp_path / "p.jsonl"),
+        transformer=TINY_WAN,
+        transformer_2=TINY_WAN,
+        vae=TINY_WAN_VAE,
+    )
+    i2v.lora.update(rank=2, alpha=2.0, experts=("transformer_2",))
+    for cfg, experts in ((t2v, {"transformer"}), (i2v, {"transformer", "transformer_2"})):
+        model, trainable, frozen = build_model(cfg, jax.random.key(0))
+        abstract, a_trainable, a_frozen = aot.abstract_model(cfg)
+        shapes = lambda tree: jax.tree.map(lambda x: (np.shape(x), np.dtype(x.dtype)), tree)
+        assert shapes(a_trainable) == shapes(trainable)
+        assert shapes(a_frozen) == shapes(frozen)
+        assert abstract.latent_shape == model.latent_shape
+        assert experts <= set(a_frozen) | set(a_trainable)
+
+
 def test_aesthetic_reward_without_files_is_clip_vit_l14_with_the_laion_head():
     import ml_collections
 
@@ -228,3 +272,96 @@ def test_a_program_larger_than_the_chip_is_reported_not_raised():
     (line,) = aot.report_lines(stage)
     assert line.startswith("big: does not compile: JaxRuntimeError: RESOURCE_EXHAUSTED")
     assert stage.flops == 2 * 2 * 2**20 * 8192 * 8192
+
+
+@needs_libtpu
+def test_splash_attention_sd_rollout_compiles_for_a_multi_chip_slice():
+    """The tiny SD's rollout on 4 chips with model.attention=auto (splash): the calls whose
+    batch the batch axes do not split run in a `shard_map` over the heads or replicated;
+    GSPMD alone cannot partition the kernel ("Mosaic kernels cannot be automatically
+    partitioned")."""
+    config = importlib.import_module("bpgo_jax.configs.sd_tiny_test").get_config()
+    config.model.update(init="random", preset="tiny", attention="auto")
+    config.rewards = {"saturation": {"weight": 1.0}}
+    config.sample.batch_size = config.train.micro_batch_size = 4
+    config.mesh.shape = (-1, 1)
+    run = aot.plan_run(config, aot.topology_devices("v5e:2x2"))
+    (rollout,) = run.compile(["rollout"])
+    assert rollout.compiled is not None, rollout.error
+    assert "tpu_custom_call" in rollout.compiled.as_text()  # the Pallas kernel, not XLA's
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name", ["flux_tiny_test", "wan_tiny_test"])
+def test_splash_attention_dit_call_of_one_sample_compiles_for_a_multi_chip_slice(name):
+    """A tiny DiT's network call on one sample (an evaluation of one prompt) over 4 chips,
+    its parameters fsdp-sharded, with model.attention=splash."""
+    import jax.numpy as jnp
+
+    from bpgo_jax.parallel import mesh as mesh_lib
+
+    cfg = _model_config(name, init="random", preset="tiny", attention="splash")
+    mesh = mesh_lib.make_mesh((1, 4), devices=aot.topology_devices("v5e:2x2"))
+    with aot.tracing_for("tpu"):
+        model, trainable, frozen = aot.abstract_model(cfg)
+        tokens = np.asarray(model.tokenize(["a red fox"]))
+        cond = jax.eval_shape(model.encode_text, frozen, tokens)
+    rules = ((".*", "fsdp_auto"),)
+    trainable, frozen = (
+        aot.placed(t, mesh_lib.tree_shardings(t, mesh, rules)) for t in (trainable, frozen)
+    )
+    repl = mesh_lib.replicated(mesh)
+    x = jax.ShapeDtypeStruct((1, *model.latent_shape), jnp.float32, sharding=repl)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32, sharding=repl)
+    fn = jax.jit(mesh_lib.on_mesh(model.predict, mesh))
+    stage = aot.compile_stage(
+        "predict", fn, (trainable, frozen, x, t, aot.placed(cond, repl)), platform="tpu", mesh=mesh
+    )
+    assert stage.compiled is not None, stage.error
+    assert "tpu_custom_call" in stage.compiled.as_text()
+
+
+def test_flops_are_reported_per_device_and_in_all():
+    """XLA's cost analysis of an SPMD program is one device's share (on CPU as on TPU); the
+    jaxpr's matmul count is the whole program's: each is printed per device and in all."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from bpgo_jax.parallel import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh((4, 1), devices=jax.devices()[:4])
+    rows = NamedSharding(mesh, P("data"))
+    x = jax.ShapeDtypeStruct((256, 128), jnp.float32, sharding=rows)
+    w = jax.ShapeDtypeStruct((128, 64), jnp.float32, sharding=mesh_lib.replicated(mesh))
+    fn = jax.jit(lambda x, w: x @ w, out_shardings=rows)
+    stage = aot.compile_stage("matmul", fn, (x, w), platform="cpu", mesh=mesh)
+    whole = 2 * 256 * 128 * 64
+    assert stage.devices == 4 and stage.flops == whole
+    assert stage.cost["flops"] == pytest.approx(whole / 4)  # XLA's: one device's rows
+    line = aot.report_lines(stage)[2]
+    per_device, in_all, xla, xla_all = (
+        float(v) for v in re.findall(r"TFLOP \(([\d.e+-]+)\)", line)
+    )
+    assert line.startswith("  FLOPs per device: matmul ")
+    assert (per_device, in_all) == pytest.approx((whole / 4, whole), rel=1e-4)
+    assert (xla, xla_all) == pytest.approx((whole / 4, whole), rel=1e-4)
+
+
+def test_matmul_flops_count_splash_blocks_and_shard_map_copies():
+    """Splash's kernel body runs once per grid step, its `shard_map` body once per device:
+    split over the batch, the count is XLA attention's; replicated, each copy counts."""
+    import jax.numpy as jnp
+
+    from bpgo_jax.models.attention import attention
+    from bpgo_jax.parallel import mesh as mesh_lib
+
+    def flops(impl: str, batch: int) -> int:
+        q = jax.ShapeDtypeStruct((batch, 1024, 4, 128), jnp.float32)
+        fn = lambda q: attention(q, q, q, implementation=impl, interpret=True)
+        return aot.matmul_flops(jax.make_jaxpr(fn)(q).jaxpr)
+
+    assert flops("xla", 8) == 2 * 2 * 8 * 4 * 1024 * 1024 * 128
+    with jax.set_mesh(mesh_lib.make_mesh((4, 2))):
+        assert flops("splash", 8) == flops("xla", 8)  # each device one sample
+        assert flops("splash", 1) == 2 * flops("xla", 1)  # heads over data, 2 fsdp copies

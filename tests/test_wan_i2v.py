@@ -6,7 +6,10 @@ transformers of one architecture, VAE, UniPC scheduler config with
 conditioning PNGs beside a `.jsonl` prompt file. Parity, float32: from one
 initial noise, each guided Euler step of ours (the first by the high-noise
 expert at guidance 5, the second by the low-noise one at guidance 3) equals
-the pipeline's, the condition latents included.
+the pipeline's, the condition latents included; likewise Wan2.1 I2V's CLIP
+image branch and Wan2.1 FLF2V's first and last frames. End to end: the tiny
+config through the launcher on a 2 x 4 mesh, and on one device in this
+process, stopped and resumed, with the same metrics.
 """
 
 from __future__ import annotations
@@ -80,20 +83,7 @@ def _pipeline(folder: Path, seed: int = 0) -> diffusers.WanImageToVideoPipeline:
     return pipe
 
 
-def write_prompts(root: Path, prompts: list[str], size: tuple[int, int]) -> Path:
-    """PNG frames (smooth random colour fields) under `root/images/` and a `.jsonl` naming them."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(0)
-    lines = []
-    for i, prompt in enumerate(prompts):
-        small = rng.randint(0, 256, (4, 6, 3)).astype(np.uint8)
-        Image.fromarray(small).resize((size[1], size[0]), Image.BILINEAR).save(
-            root / "images" / f"{i}.png"
-        )
-        lines.append(json.dumps({"prompt": prompt, "image": f"images/{i}.png"}))
-    path = root / "prompts.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+write_prompts = wan_folders.write_prompts
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +118,24 @@ def _model(root: Path, prompts: Path, name: str = "wan", text_len: int = TEXT_LE
 # ------------------------------------------------------------------ parity
 
 
-def _reference(pipe, root: Path, noise: np.ndarray, steps: int, text_len=TEXT_LEN, **call):
+def _reference(
+    pipe, root: Path, noise: np.ndarray, steps: int, text_len=TEXT_LEN, last=False, **call
+):
     """The pipeline's condition `[B, F, H, W, 20]` and per-step latents from `noise`, one call
-    per image (the pipeline takes one conditioning image)."""
+    per image (the pipeline takes one conditioning image; `last`: and its last frame)."""
     frames = [Image.open(root / "images" / f"{i}.png") for i in range(len(noise))]
+    lasts = [
+        Image.open(root / "images" / f"{i}_last.png") if last else None for i in range(len(noise))
+    ]
     condition, seen = [], []
     for i, frame in enumerate(frames):
         processed = pipe.video_processor.preprocess(frame, height=HEIGHT, width=WIDTH)
+        end = lasts[i] and pipe.video_processor.preprocess(lasts[i], height=HEIGHT, width=WIDTH)
         start = torch.from_numpy(noise[i : i + 1].transpose(0, 4, 1, 2, 3).copy())
         _, c = pipe.prepare_latents(
-            processed.float(), 1, 16, HEIGHT, WIDTH, FRAMES, torch.float32, "cpu", None, start
-        )
+            processed.float(), 1, 16, HEIGHT, WIDTH, FRAMES, torch.float32, "cpu", None, start,
+            None if end is None else end.float(),
+        )  # fmt: skip
         condition.append(c.detach().numpy().transpose(0, 2, 3, 4, 1))
 
     def keep(pipe, i, t, kwargs):
@@ -150,6 +147,7 @@ def _reference(pipe, root: Path, noise: np.ndarray, steps: int, text_len=TEXT_LE
         for i, frame in enumerate(frames):
             pipe(
                 image=frame,
+                last_image=lasts[i],
                 prompt=PROMPTS[i],
                 height=HEIGHT,
                 width=WIDTH,
@@ -223,11 +221,9 @@ def test_guided_expert_steps_match_wan_image_to_video_pipeline(folder, no_ftfy):
         _close(mixed[row], alone[row], 1e-6)
 
 
-def test_wan21_clip_image_branch_matches_the_pipeline(folder, no_ftfy):
-    """Wan2.1 I2V: one transformer with the image branch, fed the folder's CLIP vision
-    tower's penultimate states of the original (unresized) image. 512 text tokens: diffusers
-    splits the image states off the text at "all but the last 512"."""
-    root, pipe, prompts = folder
+def _pipeline21(pipe, root: Path, name: str, transformer: dict):
+    """A Wan2.1 I2V folder `root/name`: `pipe`'s UMT5 and VAE, a tiny CLIP vision tower (17
+    tokens: 16 patches + class) and its processor, one transformer of config `transformer`."""
     torch.manual_seed(7)
     encoder_cfg = transformers.CLIPVisionConfig(
         hidden_size=24,
@@ -237,7 +233,7 @@ def test_wan21_clip_image_branch_matches_the_pipeline(folder, no_ftfy):
         image_size=32,
         patch_size=8,
     )
-    pipe21 = diffusers.WanImageToVideoPipeline(
+    out = diffusers.WanImageToVideoPipeline(
         tokenizer=pipe.tokenizer,
         text_encoder=pipe.text_encoder,
         vae=pipe.vae,
@@ -246,9 +242,18 @@ def test_wan21_clip_image_branch_matches_the_pipeline(folder, no_ftfy):
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         ),
         image_encoder=transformers.CLIPVisionModel(encoder_cfg).eval(),
-        transformer=wan_folders.transformer(dict(wan_folders.I2V, text_dim=96), 11).eval(),
+        transformer=wan_folders.transformer(dict(transformer, text_dim=96), 11).eval(),
     )
-    pipe21.save_pretrained(str(root / "wan21"), safe_serialization=True)
+    out.save_pretrained(str(root / name), safe_serialization=True)
+    return out
+
+
+def test_wan21_clip_image_branch_matches_the_pipeline(folder, no_ftfy):
+    """Wan2.1 I2V: one transformer with the image branch, fed the folder's CLIP vision
+    tower's penultimate states of the original (unresized) image. 512 text tokens: diffusers
+    splits the image states off the text at "all but the last 512"."""
+    root, pipe, prompts = folder
+    pipe21 = _pipeline21(pipe, root, "wan21", wan_folders.I2V)
     model, trainable, frozen = _model(root, prompts, name="wan21", text_len=512)
     assert set(trainable) == {"transformer"} and "image_encoder" in frozen
     steps = 2
@@ -260,6 +265,31 @@ def test_wan21_clip_image_branch_matches_the_pipeline(folder, no_ftfy):
         embeds = pipe21.encode_image(frames, "cpu").numpy()
     _close(cond["image_embeds"], embeds)
     _check_steps(model, trainable, frozen, cond, _euler(model, steps), noise, seen)
+    flf = wan_folders.write_prompts(root / "flf", PROMPTS, (HEIGHT, WIDTH), last=True)
+    with pytest.raises(ConfigError, match="image branch reads one frame"):
+        _model(root, flf, name="wan21", text_len=512)
+
+
+def test_wan21_flf2v_first_and_last_frames_match_the_pipeline(folder, no_ftfy, tmp_path):
+    """Wan2.1 FLF2V: the condition video [first, zeros, last] with the mask on both ends,
+    and both frames' CLIP states through the image embedder's learned position table."""
+    root, pipe, _ = folder
+    flf = wan_folders.write_prompts(tmp_path, PROMPTS, (HEIGHT, WIDTH), last=True)
+    pipe21 = _pipeline21(pipe, root, "flf2v", dict(wan_folders.FLF2V, pos_embed_seq_len=2 * 17))
+    model, trainable, frozen = _model(root, flf, name="flf2v", text_len=512)
+    assert "last_images" in frozen
+    steps = 2
+    noise = np.random.RandomState(2).standard_normal((2, *model.latent_shape)).astype(np.float32)
+    condition, seen = _reference(
+        pipe21, tmp_path, noise, steps, text_len=512, last=True, guidance_scale=5.0
+    )
+    cond = jax.jit(model.encode_text)(frozen, model.tokenize(PROMPTS))
+    _close(cond["condition"], condition)
+    assert float(cond["condition"][0, -1, 0, 0, 3]) == 1.0  # the last pixel frame's mask
+    _check_steps(model, trainable, frozen, cond, _euler(model, steps), noise, seen)
+    plain = wan_folders.write_prompts(tmp_path / "plain", PROMPTS, (HEIGHT, WIDTH))
+    with pytest.raises(ConfigError, match="prompt 'a photo of a cat' has no last_image"):
+        _model(root, plain, name="flf2v", text_len=512)
 
 
 def test_lora_trains_the_chosen_expert_only(folder):
@@ -305,6 +335,10 @@ def test_prompts_without_or_with_a_bad_image_are_refused_by_name(tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text(json.dumps({"prompt": "a cat", "image": "missing.png"}) + "\n")
     with pytest.raises(InputFileError, match=r"p.jsonl:1: \"image\" 'missing.png' is not a file"):
+        load_prompts(bad)
+    (tmp_path / "first.png").write_bytes(b"")
+    bad.write_text(json.dumps({"prompt": "a cat", "image": "first.png", "last_image": 3}) + "\n")
+    with pytest.raises(InputFileError, match=r"p.jsonl:1: \"last_image\" must be a path, got 3"):
         load_prompts(bad)
     (tmp_path / "broken.png").write_bytes(b"not a png")
     bad.write_text(json.dumps({"prompt": "a cat", "image": "broken.png"}) + "\n")
@@ -440,12 +474,13 @@ def test_tiny_run_with_first_frame_priors_trains_on_policy_and_resumes(folder, t
         assert np.isfinite(r["reward_video_saturation_mean"]) and r["skipped_updates"] == 0
         np.testing.assert_allclose(r["prior_mean"], priors.mean(), rtol=1e-5)
 
-    def config(epochs: int):  # the priors computed at the start instead of read
+    def config(epochs: int):  # the priors computed at the start instead of read; one device
         c = wan_i2v_tiny_test.get_config()
         c.model.init = str(model_dir)
         c.prompts.path = str(with_priors)
         c.prior.kind = "first_frame"
         c.train.num_epochs = epochs
+        c.mesh.update(shape=(1, 1), num_devices=1)  # sharded = unsharded
         return c
 
     resumed = tmp_path / "resumed"
@@ -454,7 +489,9 @@ def test_tiny_run_with_first_frame_priors_trains_on_policy_and_resumes(folder, t
     for a, b in zip(got, launched, strict=True):
         assert set(a) == set(b)
         for key in sorted(set(a) - _TIMES):
-            atol = 1e-5 if key == "loss" else 1e-6
+            # The loss is ~0, a mean of advantages of size 1: z-scores over groups whose reward
+            # std is ~5e-3 magnify the rewards' rounding across shardings (~1e-7) ~200 times.
+            atol = 1e-4 if key == "loss" else 1e-6
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=atol, err_msg=key)
 
 

@@ -7,8 +7,9 @@ Euler step of ours equals WanPipeline's run with FlowMatchEuler at the
 folder's shift, and `decode` equals its `output_type="np"` frames. End to
 end: `configs/wan_tiny_test.py` trains through `launch/train.py` on a data 2
 x fsdp 4 mesh (5 frames of 16 x 16, 2 steps, 2 epochs, the reference-model
-prior), on-policy ratio exactly 1, and the same run stopped after epoch 1
-and resumed in this process gives the launcher's metrics.
+prior), on-policy ratio exactly 1, and the same run on one device, stopped
+after epoch 1 and resumed in this process, gives the launcher's metrics
+(sharded = unsharded, resume = uninterrupted).
 """
 
 from __future__ import annotations
@@ -290,10 +291,11 @@ def test_tiny_run_trains_on_policy_and_resumes_as_uninterrupted(folder, tmp_path
         assert 0 < r["prior_mean"] < 1  # the reference policy's mean frame saturation
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
 
-    def config(epochs: int):
+    def config(epochs: int):  # on one device: sharded = unsharded, with resume = uninterrupted
         c = wan_tiny_test.get_config()
         c.model.init = str(path)
         c.train.num_epochs = epochs
+        c.mesh.update(shape=(1, 1), num_devices=1)
         return c
 
     resumed = tmp_path / "resumed"

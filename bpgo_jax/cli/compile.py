@@ -1,7 +1,7 @@
 r"""Compiles a run's stages for a TPU pod or N devices and prints their memory, FLOPs and time.
 
     python launch/compile.py --config=configs/sd_aesthetic.py --config.model.init=random \
-        --config.model.preset=sd15 --topology=v5p:2x2x1 --attention=xla
+        --config.model.preset=sd15 --topology=v5p:2x2x1
     python launch/compile.py --config=configs/sd_aesthetic.py --config.model.init=random \
         --config.model.preset=sd15 --config.model.lora.rank=0 --config.train.lr=1e-5 \
         --config.mesh.shape="(2,4)" --topology=v5p:2x2x2 --attention=xla
@@ -177,14 +177,14 @@ def main(argv: list[str]) -> None:
     )
     too_big, refused = [], []
     for stage in run.compile(args.stage):
-        for line in aot.report_lines(stage, per_device_flops=True, devices=len(devices)):
+        for line in aot.report_lines(stage):
             say(line)
         if stage.compiled is None:
             (too_big if "RESOURCE_EXHAUSTED" in stage.error else refused).append(stage.name)
             continue
         times = []
         if peak:
-            share = stage.flops / len(devices)
+            share = stage.flops_per_device
             times.append(
                 f"matmul FLOPs at the {peak:.0f} TFLOP/s bf16 peak {share / peak / 1e12:.3g} s"
             )

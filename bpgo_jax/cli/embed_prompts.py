@@ -85,7 +85,7 @@ def main(argv):
     )
     shards = mesh_lib.num_batch_shards(mesh)
     batch = -(-_BATCH.value // shards) * shards  # every call the same shape: one compile
-    encode = jax.jit(stack.encode, out_shardings=mesh_lib.replicated(mesh))
+    encode = jax.jit(mesh_lib.on_mesh(stack.encode, mesh), out_shardings=mesh_lib.replicated(mesh))
     fields = {k: (v.shape, stored) for k, v in stack.output_shapes(params).items()}
 
     def batches():

@@ -14,9 +14,11 @@ them) and is what the SD UNet, the CLIP towers and the DiTs call;
 - "splash": the Pallas TPU splash-attention kernel, TPU only. Sequences are
   padded to its block size and head dims to a multiple of 128 (zeros: the
   scores and the kept outputs are unchanged); padded and masked keys are
-  excluded through segment ids. Under a mesh context (`jax.set_mesh`) the
-  kernel runs per batch shard in a `shard_map`; without one, GSPMD cannot
-  partition it.
+  excluded through segment ids. GSPMD cannot partition the kernel: under a
+  mesh context (`jax.set_mesh`, `parallel.mesh.on_mesh`) it runs in a
+  `shard_map` over the batch, the queries over a `context` axis (keys and
+  values gathered) and the heads (`splash_layout`); traced without a mesh it
+  compiles for one device only.
 - "auto": cuDNN on GPU when the inputs are bfloat16/float16 and the head
   dim fits, splash on TPU, XLA otherwise.
 
@@ -30,6 +32,7 @@ Every output is tagged `checkpoint_name(out, ATTENTION_OUT)`, which
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -42,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from bpgo_jax.errors import ConfigError
 from bpgo_jax.models.scan import ATTENTION_OUT, ATTENTION_RESIDUALS
-from bpgo_jax.parallel.mesh import BATCH_AXES
+from bpgo_jax.parallel import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +238,66 @@ def _splash_kernel(heads: int, lq: int, lk: int, bq: int, bkv: int, causal: bool
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class SplashLayout:
+    """How a splash call is split over the context mesh: the mesh axes of its batch, of its
+    heads and of its queries' sequence (`seq`: keys and values are then gathered whole
+    on each of its shards). Axes in none of them compute the whole call on each device."""
+
+    batch: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ()
+    seq: str | None = None
+
+    def shards(self, axes: tuple[str, ...]) -> int:
+        mesh = jax.sharding.get_abstract_mesh()
+        return int(np.prod([mesh.shape[a] for a in axes]))
+
+    def spec(self, *, queries: bool) -> P:
+        """The `[B, H, L, D]` spec of queries / outputs (`queries`) or of keys and values."""
+        return P(self.batch or None, self.heads or None, self.seq if queries else None, None)
+
+
+def splash_layout(batch: int, heads: int, lq: int, causal: bool) -> SplashLayout | None:
+    """The split of a splash call under the context mesh, or None without a mesh of several
+    devices (the kernel then runs as is).
+
+    A Pallas kernel is opaque to GSPMD, which cannot partition it, so every call
+    runs in a `shard_map`. The batch goes over the batch axes whose running
+    product divides it (`mesh.dividing_batch_axes`); the queries over `context`
+    when the mesh has it, the call is not causal (a shard's mask would depend on
+    its offset) and each shard gets at least one 128-query block; the heads over
+    the remaining axes whose running product divides them. A call whose batch
+    the batch axes do not divide (classifier-free guidance's negative prompt, an
+    evaluation of one prompt, a VAE decode) is thus split over its heads, which
+    costs no communication for inputs already replicated and spreads the work;
+    axes left over (heads that do not divide) compute the call on each device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    batch_axes = mesh_lib.dividing_batch_axes(batch, mesh)
+    ctx = mesh_lib.context_size(mesh)
+    seq = mesh_lib.CONTEXT_AXIS if ctx > 1 and not causal and lq >= ctx * _LANES else None
+    head_axes, product = [], 1
+    for axis in mesh.axis_names:
+        size = mesh.shape[axis]
+        if size > 1 and axis not in batch_axes and axis != seq and heads % (product * size) == 0:
+            head_axes.append(axis)
+            product *= size
+    return SplashLayout(batch_axes, tuple(head_axes), seq)
+
+
 def _splash(q, k, v, mask, causal: bool, scale: float | None, interpret: bool) -> jax.Array:
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    bq, bkv = splash_block(lq), splash_block(lk)
-    lq_p, lk_p, d_p = _round_up(lq, bq), _round_up(lk, bkv), _round_up(d, _LANES)
+    layout = splash_layout(b, h, lq, causal)
+    seq_shards = layout.shards((layout.seq,)) if layout and layout.seq else 1
+    heads = h // layout.shards(layout.heads) if layout else h
+    # Queries split over `context` are padded so that each shard holds whole blocks.
+    bq, bkv = splash_block(-(-lq // seq_shards)), splash_block(lk)
+    lq_p, lk_p, d_p = _round_up(lq, bq * seq_shards), _round_up(lk, bkv), _round_up(d, _LANES)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
 
     def heads_first(x: jax.Array, length: int) -> jax.Array:  # [B, L, H, D] -> [B, H, Lp, Dp]
@@ -255,30 +311,23 @@ def _splash(q, k, v, mask, causal: bool, scale: float | None, interpret: bool) -
         valid = jnp.ones((b, lk), bool) if mask is None else mask
         valid = jnp.pad(valid, ((0, 0), (0, lk_p - lk)))
         segments = (jnp.zeros((b, lq_p), jnp.int32), (~valid).astype(jnp.int32))
-    kernel = _splash_kernel(h, lq_p, lk_p, bq, bkv, causal, interpret)
 
     def run(qh, kh, vh, segments):
+        # Built in the trace of its shard: its mask tables are arrays of that trace.
+        kernel = _splash_kernel(heads, qh.shape[2], lk_p, bq, bkv, causal, interpret)
         if segments is None:
             return jax.vmap(kernel)(qh, kh, vh)
         ids = sa.SegmentIds(*segments)
         return jax.vmap(lambda q_, k_, v_, s: kernel(q_, k_, v_, segment_ids=s))(qh, kh, vh, ids)
 
-    out = _per_batch_shard(run, b)(qh, kh, vh, segments)
+    if layout is not None:
+        q_spec, kv_spec = layout.spec(queries=True), layout.spec(queries=False)
+        segment_specs = (P(q_spec[0], q_spec[2]), P(kv_spec[0], None))  # [B, L] ids
+        run = jax.shard_map(
+            run,
+            in_specs=(q_spec, kv_spec, kv_spec, segment_specs if segments is not None else None),
+            out_specs=q_spec,
+            check_vma=False,
+        )
+    out = run(qh, kh, vh, segments)
     return jnp.swapaxes(out[:, :, :lq, :d], 1, 2).astype(q.dtype)
-
-
-def _per_batch_shard(fn, batch: int):
-    """`fn` under a `shard_map` over the context mesh's batch axes, when there is one.
-
-    A Pallas kernel is opaque to GSPMD; per-shard calls keep each device on its
-    own slice of the batch. Without a mesh context, or with a batch the batch
-    axes do not divide, `fn` runs as is.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return fn
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    if not axes or batch % int(np.prod([mesh.shape[a] for a in axes])):
-        return fn
-    spec = P(axes)
-    return jax.shard_map(fn, in_specs=(spec, spec, spec, spec), out_specs=spec, check_vma=False)

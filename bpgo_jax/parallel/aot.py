@@ -226,13 +226,96 @@ def _sd3(cfg: ml_collections.ConfigDict):
     return model, *jax.eval_shape(split, net, frozen)
 
 
+def _wan(cfg: ml_collections.ConfigDict):
+    """`wan.pipeline.wan_from_config`'s model with abstract weights: the same fields read by
+    the same `dit.pipeline.model_from_config`, modules built and shapes taken instead of
+    drawn. With `condition_prompts`, the image-to-video model (`_wan_i2v`)."""
+    from bpgo_jax.models.dit import pipeline as dit_pipeline
+    from bpgo_jax.models.wan import pipeline as wan
+    from bpgo_jax.models.wan.presets import preset
+
+    if cfg.get("condition_prompts", None):
+        return _wan_i2v(cfg)
+
+    def build(configs, *, rng, lora, resolution, num_frames, vae_batch_chunk, text_cache, **kw):
+        del rng, text_cache
+        o = dit_pipeline.options_of(kw)
+        mods = wan.modules_from_configs(configs, o.dtype, **o.modules())
+        model = wan.model_from_modules(
+            mods,
+            num_frames=num_frames,
+            resolution=resolution,
+            lora=lora,
+            vae_batch_chunk=vae_batch_chunk,
+        )
+        return model, *wan.param_shapes(mods, lora)
+
+    return dit_pipeline.model_from_config(
+        cfg,
+        jax.random.key(0),
+        None,
+        family="Wan",
+        targets=wan.WAN_ATTENTION_TARGETS,
+        preset=preset,
+        build=build,
+        num_frames=int(cfg.get("num_frames", wan.DEFAULT_FRAMES)),
+        vae_batch_chunk=cfg.get("vae_batch_chunk", None) or None,
+    )
+
+
+def _wan_i2v(cfg: ml_collections.ConfigDict):
+    """`wan.i2v.wan_i2v_from_config`'s model with abstract weights (the conditioning images
+    of `condition_prompts` are read: they are part of the model's frozen tree)."""
+    from bpgo_jax.models.dit import pipeline as dit_pipeline
+    from bpgo_jax.models.wan import i2v
+    from bpgo_jax.models.wan import vae as wan_vae
+    from bpgo_jax.models.wan.pipeline import DEFAULT_SIZE
+    from bpgo_jax.models.wan.transformer import example_inputs
+    from bpgo_jax.prompts.images import condition_images
+
+    sets, options = i2v.config_options(cfg)
+
+    def build(configs, *, rng, lora, resolution, num_frames, text_cache, **kw):
+        del text_cache
+        fields = ("dtype", "attention", "remat", "max_sequence_length")
+        o = dit_pipeline.options_of({k: kw.pop(k) for k in fields})
+        mods = i2v.modules_from_configs(configs, o.dtype, **o.modules())
+        if mods.image_encoder is not None:
+            raise ConfigError(
+                "compiling a Wan2.1 I2V model (a CLIP image encoder) is not supported"
+            )
+        size = dit_pipeline.image_size(resolution, DEFAULT_SIZE)
+        images, rows = condition_images(sets, *size)
+        last = condition_images(sets, *size, key="last_image")
+        model, trained = i2v.model_from_modules(
+            mods,
+            images,
+            rows,
+            num_frames=num_frames,
+            resolution=resolution,
+            lora=lora,
+            last=last,
+            **kw,
+        )
+        nets = {n: _module_shapes(m, o.dtype, *example_inputs(m.cfg)) for n, m in mods.experts}
+        frozen = {
+            "vae": _module_shapes(mods.vae, o.dtype, *wan_vae.example_inputs(mods.vae.cfg)),
+            "text": _text_shapes(mods.text, o.dtype),
+            **jax.eval_shape(lambda: i2v.condition_tables(images, last)),
+        }
+        split = lambda n, f: i2v.split_experts(n, f, lora, trained, rng)
+        return model, *jax.eval_shape(split, nets, frozen)
+
+    return dit_pipeline.model_from_config(cfg, jax.random.key(0), None, build=build, **options)
+
+
 def abstract_model(cfg: ml_collections.ConfigDict) -> tuple[Any, Params, Params]:
     """`config.model` -> `(model, trainable, frozen)` with the parameters as
     ShapeDtypeStructs: what `models.build_model` returns, nothing drawn or read.
 
-    SD, FLUX and SD3 are built from `model.preset` (`model.init="random"`): a
-    diffusers folder's architecture is not read. The built-in model takes
-    either init.
+    SD, FLUX, SD3 and Wan (text- and image-to-video, every expert) are built
+    from `model.preset` (`model.init="random"`): a diffusers folder's
+    architecture is not read. The built-in model takes either init.
     """
     name, init = cfg.name, cfg.get("init", "random")
     if name == "tiny_unet":
@@ -242,9 +325,11 @@ def abstract_model(cfg: ml_collections.ConfigDict) -> tuple[Any, Params, Params]
         key = jax.random.key(0)
         trainable, frozen = jax.eval_shape(model.init, key)
         return model, *jax.eval_shape(lambda t, f: with_lora(cfg, t, f, key), trainable, frozen)
-    builders = {"sd": _sd, "flux": _flux, "sd3": _sd3}
+    builders = {"sd": _sd, "flux": _flux, "sd3": _sd3, "wan": _wan}
     if name not in builders:
-        raise ConfigError(f"config.model.name={name!r} is not one of: tiny_unet, sd, flux, sd3")
+        raise ConfigError(
+            f"config.model.name={name!r} is not one of: tiny_unet, sd, flux, sd3, wan"
+        )
     if init != "random":
         raise ConfigError(
             f"config.model.init={init!r}: compiling reads no weights; give "
@@ -372,9 +457,10 @@ def opt_state_placed(optimizer: Any, trainable: Any, replicated: NamedSharding) 
 def matmul_flops(jaxpr: Any) -> int:
     """Multiply-add FLOPs (x2) of every dot and convolution of a jaxpr, whole (all devices).
 
-    Scan bodies count `length` times, `cond` its costliest branch, a `while`
-    body and a Pallas kernel's body once (a trip count that is not static, a
-    grid that is not multiplied out: splash attention's matmuls are missed).
+    Scan bodies count `length` times, a Pallas kernel's body once per step of
+    its grid (splash attention: every block, padding included), a `shard_map`
+    body once per device it runs on, `cond` its costliest branch, a `while`
+    body once (its trip count is not static).
     """
     total = 0
     for eqn in jaxpr.eqns:
@@ -394,6 +480,13 @@ def matmul_flops(jaxpr: Any) -> int:
             total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * per_output
         elif name == "scan":
             total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"].jaxpr)
+        elif name == "pallas_call":
+            steps = int(np.prod(eqn.params["grid_mapping"].grid))
+            total += steps * matmul_flops(eqn.params["jaxpr"])
+        elif name == "shard_map":
+            mesh, axes = eqn.params["mesh"], eqn.params.get("newly_manual_axes") or ()
+            copies = int(np.prod([mesh.shape[a] for a in axes])) if axes else mesh.size
+            total += copies * matmul_flops(eqn.params["jaxpr"])
         elif name == "cond":
             total += max(matmul_flops(b.jaxpr) for b in eqn.params["branches"])
         else:
@@ -432,9 +525,16 @@ class Stage:
     compiled: Any  # jax.stages.Compiled, None when it failed
     outputs: Any  # the outputs' ShapeDtypeStructs (with shardings when compiled)
     compile_seconds: float
-    flops: int  # `matmul_flops` of the whole program
+    flops: int  # `matmul_flops` of the whole program (all devices together)
     error: str = ""  # XLA's one-line reason when it did not compile
     inputs: int = 0  # per-device bytes of its arguments that live only for this stage
+    devices: int = 1  # devices the program runs on (its mesh's)
+
+    @property
+    def flops_per_device(self) -> float:
+        """The matmul FLOPs split evenly over the devices (a call that every device computes
+        whole, such as replicated attention, costs each device more)."""
+        return self.flops / self.devices
 
     @property
     def memory(self) -> Any:
@@ -442,6 +542,8 @@ class Stage:
 
     @property
     def cost(self) -> dict:
+        """XLA's cost analysis of the partitioned program: one device's share (XLA:CPU and
+        XLA:TPU alike), with a loop body counted once."""
         cost = self.compiled.cost_analysis()
         return (cost[0] if isinstance(cost, list | tuple) else cost) or {}
 
@@ -469,6 +571,7 @@ def compile_stage(name: str, fn: Any, args: tuple, *, platform: str, mesh: Mesh 
     A program XLA refuses (on TPU: more memory than the chip's HBM) gives a
     Stage with `error` set and its output shapes, so later stages still compile.
     """
+    devices = 1 if mesh is None else mesh.size
     with tracing_for(platform, mesh):
         outputs = jax.eval_shape(fn, *args)
         flops = matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
@@ -479,14 +582,15 @@ def compile_stage(name: str, fn: Any, args: tuple, *, platform: str, mesh: Mesh 
             # XLA's refusal (e.g. RESOURCE_EXHAUSTED on HBM) or a kernel the target's
             # lowering rejects: what the run would hit on those devices.
             reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
-            return Stage(name, None, outputs, time.perf_counter() - start, flops, reason[:400])
+            seconds = time.perf_counter() - start
+            return Stage(name, None, outputs, seconds, flops, reason[:400], devices=devices)
     seconds = time.perf_counter() - start
     outputs = jax.tree.map(
         lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s),
         outputs,
         compiled.output_shardings,
     )
-    return Stage(name, compiled, outputs, seconds, flops)
+    return Stage(name, compiled, outputs, seconds, flops, devices=devices)
 
 
 def gib(n: float) -> str:
@@ -498,25 +602,26 @@ def tflop(n: float) -> str:
     return f"{n / 1e12:.2f} TFLOP ({n:.4e})"
 
 
-def report_lines(stage: Stage, *, per_device_flops: bool = False, devices: int = 1) -> list[str]:
+def report_lines(stage: Stage) -> list[str]:
     """A stage's compile time, memory per device and FLOPs, as printed by the commands.
 
-    `per_device_flops`: divide the whole program's matmul FLOPs by `devices`
-    (each device's share of a batch split over them).
+    FLOPs per device and for all `stage.devices` together: the matmul count
+    (the whole program's, split evenly) and XLA's cost analysis (one device's).
     """
     if stage.compiled is None:
         return [f"{stage.name}: does not compile: {stage.error}"]
-    mem, cost = stage.memory, stage.cost
-    flops = stage.flops / devices if per_device_flops else stage.flops
+    mem, cost, n = stage.memory, stage.cost, stage.devices
+    xla = cost.get("flops", 0.0)
     return [
         f"{stage.name}: compiled in {stage.compile_seconds:.1f} s",
         f"  memory per device: arguments {gib(mem.argument_size_in_bytes)}, outputs "
         f"{gib(mem.output_size_in_bytes)} (aliased {gib(mem.alias_size_in_bytes)}), "
         f"temporaries {gib(mem.temp_size_in_bytes)}, generated code "
         f"{mem.generated_code_size_in_bytes / 2**20:.1f} MiB; total {gib(stage.peak_bytes)}",
-        f"  FLOPs per device: matmul {tflop(flops)} (scans multiplied out); "
-        f"XLA cost analysis {tflop(cost.get('flops', 0.0))} "
-        f"(loop bodies once), bytes accessed {gib(cost.get('bytes accessed', 0.0))}",
+        f"  FLOPs per device: matmul {tflop(stage.flops_per_device)} (scans multiplied out; "
+        f"{n} device(s): {tflop(stage.flops)} in all); XLA cost analysis {tflop(xla)} "
+        f"(loop bodies once; {tflop(xla * n)} in all), bytes accessed "
+        f"{gib(cost.get('bytes accessed', 0.0))}",
     ]
 
 
@@ -612,7 +717,8 @@ def plan_run(
     shards = mesh_lib.num_batch_shards(mesh)
     batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
 
-    model, trainable, frozen = abstract_model(config.model)
+    with tracing_for(platform):  # shapes traced with the target's attention kernels
+        model, trainable, frozen = abstract_model(config.model)
     if config.mesh.gather_params and mesh.shape.get("fsdp", 1) > 1:
         model = _gathered(model, mesh)
     reward_set, reward_params, notes = abstract_rewards(config.rewards)

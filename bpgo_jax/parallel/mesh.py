@@ -1,8 +1,11 @@
 """Device mesh and the sharding rules declared in `config.mesh`.
 
-Batch arrays are split over all batch axes (`data` and `fsdp`); parameters are
-placed by the first regex rule that matches their '/'-joined path. A rule's
-spec names one mesh axis (or None) per array dimension; "fsdp_auto" shards the
+Batch arrays are split over all batch axes (`data` and `fsdp`); the optional
+`context` axis (sequence parallelism) splits no batch: inside the DiT blocks
+the tokens of each sample are split over it (`shard_tokens`), and attention
+gathers keys and values over it (`gather_tokens`). Parameters are placed by
+the first regex rule that matches their '/'-joined path. A rule's spec names
+one mesh axis (or None) per array dimension; "fsdp_auto" shards the
 largest dimension divisible by the fsdp size, which is what fully-sharded data
 parallelism wants for large models and harmless for small ones.
 
@@ -11,12 +14,18 @@ Stacked (scanned) parameters, whose paths hold a `stacked` segment
 `models/scan.py`), are matched by the same rules, which then apply to the
 per-layer dims: the leading layer axis is never sharded, so each scan step
 reads its layer's shards without communication.
+
+Model code finds the mesh in the trace's context (`jax.set_mesh`, or `on_mesh`
+around a function that is jitted): the Pallas kernels of `models.attention`
+run in a `shard_map` over it, and the token constraints apply only under a
+mesh with a `context` axis; without one, model code traces as on one device.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,6 +36,8 @@ from jax.sharding import PartitionSpec as P
 from bpgo_jax.models.scan import num_layer_axes
 
 BATCH_AXES = ("data", "fsdp")
+CONTEXT_AXIS = "context"  # sequence parallelism: tokens of a sample split over it
+MESH_AXES = (*BATCH_AXES, CONTEXT_AXIS)
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str] = BATCH_AXES, devices=None) -> Mesh:
@@ -84,6 +95,69 @@ def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
             raise
         # A subset (`mesh.num_devices`) that is not a block of the torus: in order.
         return np.asarray(devices).reshape(shape)
+
+
+def on_mesh(fn: Callable, mesh: Mesh | None) -> Callable:
+    """`fn` traced inside `mesh`'s context (its abstract mesh), for `jax.jit(on_mesh(fn, mesh))`.
+
+    Model code reads the mesh of the trace's context (`jax.sharding.get_abstract_mesh`):
+    splash attention partitions its kernel over it, `shard_tokens` splits tokens over its
+    `context` axis. A function jitted without it traces as for one device, and a Pallas
+    kernel left to GSPMD does not compile for several chips. `mesh=None`: `fn` itself.
+    """
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
+def _sizes(mesh) -> dict[str, int]:
+    return {a: int(mesh.shape[a]) for a in mesh.axis_names}
+
+
+def dividing_batch_axes(batch: int, mesh=None) -> tuple[str, ...]:
+    """The batch axes (in order, of size > 1) whose running product divides `batch`: how a
+    batch of that size is split. `mesh` defaults to the trace's context mesh."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh.empty:
+        return ()
+    sizes, axes, product = _sizes(mesh), [], 1
+    for axis in BATCH_AXES:
+        size = sizes.get(axis, 1)
+        if size > 1 and batch % (product * size) == 0:
+            axes.append(axis)
+            product *= size
+    return tuple(axes)
+
+
+def context_size(mesh=None) -> int:
+    """Size of the `context` axis of `mesh` (default: the trace's context mesh); 1 without."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return 1 if mesh.empty else _sizes(mesh).get(CONTEXT_AXIS, 1)
+
+
+def _token_constraint(x: jax.Array, seq: str | None) -> jax.Array:
+    if context_size() == 1:
+        return x
+    batch = dividing_batch_axes(x.shape[0]) or None
+    return jax.lax.with_sharding_constraint(x, P(batch, seq, *([None] * (x.ndim - 2))))
+
+
+def shard_tokens(x: jax.Array) -> jax.Array:
+    """`[B, L, ...]` tokens split over the context mesh's `context` axis along L (and B over
+    the batch axes that divide it); unchanged without a `context` axis."""
+    return _token_constraint(x, CONTEXT_AXIS)
+
+
+def gather_tokens(x: jax.Array) -> jax.Array:
+    """`[B, L, ...]` whole along L on every `context` shard (attention's keys and values);
+    unchanged without a `context` axis."""
+    return _token_constraint(x, None)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

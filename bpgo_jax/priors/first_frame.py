@@ -4,21 +4,27 @@ Each prompt's prior is the configured reward of a static clip made of its
 conditioning frame: the frame repeated `num_frames` times, in the decoded
 space the rewards read (`[B, F, H, W, 3]` in [0, 1]), scored by the same
 reward code as the samples (jittable rewards under jit, host rewards on the
-host), weighted into the total. It is computed once, at the start of a run,
+host), weighted into the total. It is computed once, at the fresh start of
+a run (a resumed run restores it: `build.build_training(resuming=True)`),
 and then kept like a `fixed` prior (`state.KINDS`): a checkpointed
 `PriorState` that no epoch updates.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from bpgo_jax.parallel.mesh import on_mesh
 from bpgo_jax.prompts import PromptSet
 from bpgo_jax.rewards import RewardSet
+
+log = logging.getLogger("bpgo_jax")
 
 
 def static_clips(frames: np.ndarray, num_frames: int) -> np.ndarray:
@@ -40,16 +46,19 @@ def first_frame_priors(
     num_frames: int,
     batch_size: int = 8,
     ids: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """float32 `[P]`: the total reward of each prompt's static clip of `frames[i]`.
 
     `frames` uint8 `[P, H, W, 3]` are the prompts' conditioning frames in
-    `prompt_set` order (or of the prompts `ids`), scored `batch_size` at a time.
+    `prompt_set` order (or of the prompts `ids`), scored `batch_size` at a time;
+    `mesh`: the one `reward_params` are placed on (its attention kernels are traced
+    for it, `parallel.mesh.on_mesh`).
     """
     ids = np.arange(len(prompt_set)) if ids is None else np.asarray(ids)
     if len(frames) != len(ids):
         raise ValueError(f"{len(frames)} frames for {len(ids)} prompts")
-    score = jax.jit(reward_set.score_jittable)
+    score = jax.jit(on_mesh(reward_set.score_jittable, mesh))
     out = []
     for start in range(0, len(ids), batch_size):
         rows = ids[start : start + batch_size]
@@ -75,6 +84,7 @@ def run_first_frame_priors(run, n: int | None = None) -> np.ndarray:
     height, width = image_size(config.model.get("resolution", None), DEFAULT_SIZE)
     frames, rows = condition_images([(config.prompts.path, prompts)], height, width)
     frames = frames[[rows[prompts.prompts[i]] for i in range(n)]]
+    log.info("first-frame priors: scoring the static clips of %d prompts", n)
     return first_frame_priors(
         frames,
         prompts,
@@ -83,4 +93,5 @@ def run_first_frame_priors(run, n: int | None = None) -> np.ndarray:
         num_frames=int(config.model.get("num_frames", DEFAULT_FRAMES)),
         batch_size=config.sample.batch_size,
         ids=range(n),
+        mesh=run.mesh,
     )

@@ -2,9 +2,10 @@
 
 A prompt file is `.txt` (one prompt a line) or `.jsonl` with objects
 `{"prompt": str, "prior": float (optional), "metadata": {...} (optional),
-"image": path (optional)}`; an image-to-video model's conditioning `image`,
+"image": path (optional), "last_image": path (optional)}`; an image-to-video
+model's conditioning `image` (and a first-last-frame model's `last_image`),
 relative to the prompt file, is checked to exist and kept as an absolute path
-in `metadata["image"]` (read and resized by `prompts.images`).
+in `metadata` under the same key (read and resized by `prompts.images`).
 The order of prompts is a pure function of (seed, position), so a resumed run
 continues exactly where it stopped, and every host agrees on it.
 """
@@ -33,13 +34,13 @@ class PromptSet:
         return len(self.prompts)
 
 
-def _image_path(path: Path, number: int, image: object) -> str:
-    """The absolute path of an entry's conditioning `image` (relative to the prompt file)."""
+def _image_path(path: Path, number: int, key: str, image: object) -> str:
+    """The absolute path of an entry's conditioning image `key` (relative to the prompt file)."""
     if not isinstance(image, str) or not image.strip():
-        raise InputFileError(f'{path}:{number}: "image" must be a path, got {image!r}')
+        raise InputFileError(f'{path}:{number}: "{key}" must be a path, got {image!r}')
     full = (path.parent / image).resolve()
     if not full.is_file():
-        raise InputFileError(f'{path}:{number}: "image" {image!r} is not a file ({full})')
+        raise InputFileError(f'{path}:{number}: "{key}" {image!r} is not a file ({full})')
     return str(full)
 
 
@@ -56,8 +57,9 @@ def _entry(path: Path, number: int, line: str) -> tuple[str, dict, float | None]
     metadata = entry.get("metadata", {})
     if not isinstance(metadata, dict):
         raise InputFileError(f'{path}:{number}: "metadata" must be an object')
-    if "image" in entry:
-        metadata = {**metadata, "image": _image_path(path, number, entry["image"])}
+    for key in ("image", "last_image"):
+        if key in entry:
+            metadata = {**metadata, key: _image_path(path, number, key, entry[key])}
     prior = entry.get("prior")
     if prior is not None and not (
         isinstance(prior, int | float) and not isinstance(prior, bool) and math.isfinite(prior)

@@ -6,10 +6,17 @@ each is decoded and resized to the video's size as the Wan I2V pipeline's
 `video_processor.preprocess` does (PIL, RGB, Lanczos), and kept as uint8
 (a quarter of float32's memory in the model's frozen tree; `signed` gives the
 pipeline's [-1, 1] values).
+
+An entry may also carry a `last_image` (first-last-frame models, Wan2.1
+FLF2V, the pipeline's `last_image`), kept the same way in
+`metadata["last_image"]`: read with `key="last_image"`, where it is optional.
+A `metadata` path not made absolute by `load_prompts` is relative to the
+prompt file.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,16 +44,30 @@ def signed(images: Any) -> Any:
     return images.astype(np.float32) / 127.5 - 1.0
 
 
+IMAGE_KEYS = ("image", "last_image")
+
+
+def _entry_path(name: str, meta: dict, key: str) -> str | None:
+    """`meta[key]`, relative to the prompt file `name` unless absolute (None: absent)."""
+    path = meta.get(key)
+    if path is None or os.path.isabs(str(path)):
+        return path
+    return os.path.join(os.path.dirname(os.path.abspath(name)), str(path))
+
+
 def condition_paths(
-    sets: Sequence[tuple[str, PromptSet]],
+    sets: Sequence[tuple[str, PromptSet]], key: str = "image"
 ) -> tuple[list[str], list[str], dict[str, int]]:
     """`(paths, wheres, {prompt: row})` of the conditioning images of every entry of `sets`
     (`(name, prompts)` pairs); `wheres[row]` names the entry ("file: entry N").
 
-    An entry without an image, or one prompt with two different images, is an
-    `InputFileError` naming the file and entry: the model finds a prompt's
-    image by its text.
+    `key` "image" (every entry needs one) or "last_image" (entries without
+    one are left out). An entry without an image, or one prompt with two
+    different images, is an `InputFileError` naming the file and entry: the
+    model finds a prompt's image by its text.
     """
+    if key not in IMAGE_KEYS:
+        raise ValueError(f"key={key!r} is not one of {IMAGE_KEYS}")
     rows: dict[str, int] = {}
     paths: list[str] = []
     wheres: list[str] = []
@@ -54,8 +75,10 @@ def condition_paths(
         for number, (prompt, meta) in enumerate(
             zip(prompt_set.prompts, prompt_set.metadata, strict=True), 1
         ):
-            path = meta.get("image")
+            path = _entry_path(name, meta, key)
             if path is None:
+                if key == "last_image":
+                    continue
                 raise InputFileError(
                     f'{name}: entry {number} ({prompt!r}) has no "image"; an image-to-video '
                     "model needs one on every prompt"
@@ -64,7 +87,7 @@ def condition_paths(
                 if paths[rows[prompt]] != path:
                     raise InputFileError(
                         f"{name}: entry {number} ({prompt!r}) repeats a prompt with another "
-                        f"image ({path}, before {paths[rows[prompt]]})"
+                        f"{key} ({path}, before {paths[rows[prompt]]})"
                     )
                 continue
             rows[prompt] = len(paths)
@@ -74,12 +97,15 @@ def condition_paths(
 
 
 def condition_images(
-    sets: Sequence[tuple[str, PromptSet]], height: int, width: int
+    sets: Sequence[tuple[str, PromptSet]], height: int, width: int, key: str = "image"
 ) -> tuple[np.ndarray, dict[str, int]]:
     """`(uint8 images [N, height, width, 3], {prompt: row})` of every entry of `sets`
-    (`condition_paths`), each resized to the video's size."""
-    paths, wheres, rows = condition_paths(sets)
+    (`condition_paths`), each resized to the video's size; `N` may be 0 for
+    `key="last_image"`."""
+    paths, wheres, rows = condition_paths(sets, key)
     images = [read_image(p, height, width, w) for p, w in zip(paths, wheres, strict=True)]
+    if not images:
+        return np.zeros((0, height, width, 3), np.uint8), rows
     return np.stack(images), rows
 
 
@@ -108,7 +134,10 @@ def clip_pixels(path: str, processor: dict, where: str = "image") -> np.ndarray:
     return (x - mean) / std
 
 
-def clip_table(sets: Sequence[tuple[str, PromptSet]], processor: dict) -> np.ndarray:
-    """CLIP pixel values `[N, crop, crop, 3]` of `condition_paths(sets)`' images, row order."""
-    paths, wheres, _ = condition_paths(sets)
+def clip_table(
+    sets: Sequence[tuple[str, PromptSet]], processor: dict, key: str = "image"
+) -> np.ndarray:
+    """CLIP pixel values `[N, crop, crop, 3]` of `condition_paths(sets, key)`' images, row
+    order."""
+    paths, wheres, _ = condition_paths(sets, key)
     return np.stack([clip_pixels(p, processor, w) for p, w in zip(paths, wheres, strict=True)])

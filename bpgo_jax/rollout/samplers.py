@@ -17,6 +17,13 @@ factor 1 / (2 std^2), which does not: its log-ratio is 2 std^2 times the exact
 one (a per-step rescaling of what the PPO clip range bounds). Both are 0
 on-policy. Steps with std 0 (ODE steps outside `sample.sde_window`, CPS's
 last step) have no density; config validation keeps them out of training.
+
+Held positions: a model may hold some latent positions fixed at values it
+derives from the conditioning (`held`: Wan2.2 TI2V's first latent frame, the
+conditioning image's latent, as the pipeline's first-frame blend). The
+sampler writes those values there at every step instead of drawing them (no
+step noise), and the log-probs and ratios average over the drawn positions
+only: the policy samples nothing else, so nothing else enters its ratio.
 """
 
 from __future__ import annotations
@@ -165,17 +172,50 @@ def transition(sampler: Sampler, k: jax.Array, x: jax.Array, out: jax.Array):
     return mean, col("std")
 
 
-def gaussian_logprob(x_next: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-    """log N(x_next; mean, std^2), averaged over non-batch dims (DDPO convention).
+Held = tuple[jax.Array, jax.Array]  # (drawn: bool mask, values [B, *latent])
+
+
+def held(model: DiffusionModel, cond: Any) -> Held | None:
+    """`model.hold(cond)` for a model that holds latent positions fixed, else None.
+
+    `hold` returns a bool mask broadcastable to `[B, *latent_shape]`, True where
+    the sampler draws, and the held positions' values `[B, *latent_shape]`.
+    """
+    hold = getattr(model, "hold", None)
+    return None if hold is None else hold(cond)
+
+
+def keep_held(x: jax.Array, hold: Held | None) -> jax.Array:
+    """`x` with the held positions set to their values (exactly; `x` where none are held)."""
+    if hold is None:
+        return x
+    drawn, values = hold
+    return jnp.where(drawn, x, values.astype(x.dtype))
+
+
+def position_mean(v: jax.Array, drawn: jax.Array | None = None) -> jax.Array:
+    """`v` `[B, ...]` averaged over its non-batch dims, or over the `drawn` positions only."""
+    axes = tuple(range(1, v.ndim))
+    if drawn is None:
+        return v.mean(axis=axes)
+    drawn = jnp.broadcast_to(drawn, v.shape)
+    return jnp.where(drawn, v, 0.0).sum(axis=axes) / drawn.sum(axis=axes).astype(v.dtype)
+
+
+def gaussian_logprob(
+    x_next: jax.Array, mean: jax.Array, std: jax.Array, drawn: jax.Array | None = None
+) -> jax.Array:
+    """log N(x_next; mean, std^2), averaged over non-batch dims (DDPO convention), or over
+    the `drawn` positions of a model that holds the others (`held`).
 
     The policy's log-probability of a step; the update never computes it, only
     `log_ratio`, its exact difference between two policies.
     """
     lp = -((x_next - mean) ** 2) / (2 * std**2) - jnp.log(std) - 0.5 * math.log(2 * math.pi)
-    return lp.mean(axis=tuple(range(1, lp.ndim)))
+    return position_mean(lp, drawn)
 
 
-def log_ratio(sampler: Sampler, k, x, x_next, out, old_out):
+def log_ratio(sampler: Sampler, k, x, x_next, out, old_out, drawn: jax.Array | None = None):
     """log p_new(x_next) - log p_old(x_next) of step k, and the new mean.
 
     The stored quantity is the behaviour policy's network output, not a
@@ -187,6 +227,7 @@ def log_ratio(sampler: Sampler, k, x, x_next, out, old_out):
     is exactly 0 whenever the recomputed output equals the rollout's bit for
     bit, however XLA fuses or reorders the arithmetic around it (a difference
     of two rounded log-probs, or of two separately rounded means, is not).
+    `drawn`: the positions the sampler draws (`held`), the only ones averaged.
     """
     old_mean, std = transition(sampler, k, x, old_out)
     if sampler.clip_sample is None:
@@ -195,7 +236,7 @@ def log_ratio(sampler: Sampler, k, x, x_next, out, old_out):
         delta = transition(sampler, k, x, out)[0] - old_mean
 
     terms = delta * (2 * (x_next - old_mean) - delta) / (2 * std**2)
-    return terms.mean(axis=tuple(range(1, terms.ndim))), old_mean + delta, std
+    return position_mean(terms, drawn), old_mean + delta, std
 
 
 class Trajectory(NamedTuple):
@@ -232,9 +273,11 @@ def sample(
     `keys` [B] are per-sample PRNG keys: a sample's noise depends on its key
     only, so results do not depend on batch size or sharding. `init_keys` [B]
     (default `keys`) draw the initial noise instead, e.g. one key per group.
+    Positions the model holds (`held`) keep their values at every step.
     """
     shape = model.latent_shape
     batch = keys.shape[0]
+    hold = held(model, cond)
 
     def predict_chunk(args):
         x, t, c = args
@@ -244,10 +287,10 @@ def sample(
         t = jnp.full((batch,), jnp.asarray(sampler.tables["model_t"])[k])
         out = map_in_chunks(predict_chunk, (x, t, cond), num_chunks, num_shards)
         mean, std = transition(sampler, jnp.full((batch,), k), x, out)
-        x_next = mean + std * step_noise(keys, k, shape)
+        x_next = keep_held(mean + std * step_noise(keys, k, shape), hold)
         return x_next, (x_next, out)
 
-    x0 = initial_noise(keys if init_keys is None else init_keys, shape)
+    x0 = keep_held(initial_noise(keys if init_keys is None else init_keys, shape), hold)
     _, (xs, outs) = jax.lax.scan(body, x0, jnp.arange(sampler.num_steps))
     latents = jnp.concatenate([x0[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
     return Trajectory(latents, jnp.moveaxis(outs, 0, 1))

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from bpgo_jax.parallel.batching import map_in_chunks
+from bpgo_jax.parallel.mesh import on_mesh
 from bpgo_jax.prompts import PromptSet, sample_prompts
 from bpgo_jax.rewards import RewardSet
 from bpgo_jax.rollout import samplers
@@ -96,17 +97,19 @@ def jit_rollout_step(
     batch_sharding: NamedSharding,
     init_group: int = 1,
 ):
-    """`rollout_step` compiled with every output split over the batch axes."""
+    """`rollout_step` compiled with every output split over the batch axes, traced on
+    their mesh (`parallel.mesh.on_mesh`)."""
+    step = functools.partial(
+        rollout_step,
+        model=model,
+        sampler=sampler,
+        reward_set=reward_set,
+        num_chunks=num_chunks,
+        num_shards=num_shards,
+        init_group=init_group,
+    )
     return jax.jit(
-        functools.partial(
-            rollout_step,
-            model=model,
-            sampler=sampler,
-            reward_set=reward_set,
-            num_chunks=num_chunks,
-            num_shards=num_shards,
-            init_group=init_group,
-        ),
+        on_mesh(step, batch_sharding.mesh),
         out_shardings=batch_sharding,
     )
 

@@ -15,7 +15,8 @@ means, `beta * mean((mu - mu_ref)^2) / (2 var)`. `kl_form` picks var:
 "gaussian" divides by the transition variance (std_t^2 |dt| for the flow
 SDE), which makes it the exact KL of the two steps; "flow_grpo" divides by
 std_t^2 as Flow-GRPO's SD3 script does, a KL |dt| times smaller per step
-(flow sampler only).
+(flow sampler only). Latent positions the model holds fixed
+(`samplers.held`) are not drawn by the sampler, so neither term reads them.
 """
 
 from __future__ import annotations
@@ -82,7 +83,10 @@ def step_loss(
     # one more forward pass per trained step.
     predict = functools.partial(samplers.guided_prediction, model, sampler.guidance_scale)
     out = jax.checkpoint(predict)(trainable, frozen, x, t, mb.cond, uncond)
-    log_ratio, mean, std = samplers.log_ratio(sampler, k, x, x_next, out, mb.outputs[rows, k])
+    hold = samplers.held(model, mb.cond)  # positions the sampler does not draw: not averaged
+    drawn = None if hold is None else hold[0]
+    old_out = mb.outputs[rows, k]
+    log_ratio, mean, std = samplers.log_ratio(sampler, k, x, x_next, out, old_out, drawn)
     ratio = jnp.exp(log_ratio)
     per_sample = mb.ras_weights * clipped_surrogate(ratio, mb.advantages, clip_range)
     if crt_coef:
@@ -97,7 +101,7 @@ def step_loss(
             step_std = jnp.squeeze(std, axis=tuple(range(1, x.ndim)))
         else:
             step_std = jnp.asarray(sampler.tables["sde_std"])[k]
-        kl = ((mean - ref_mean) ** 2).mean(axis=tuple(range(1, x.ndim))) / (2 * step_std**2)
+        kl = samplers.position_mean((mean - ref_mean) ** 2, drawn) / (2 * step_std**2)
         per_sample = per_sample + kl_beta * kl
         metrics["kl_ref"] = kl.mean()
     loss = per_sample.mean()

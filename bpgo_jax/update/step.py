@@ -21,6 +21,7 @@ import optax
 
 from bpgo_jax.advantages.forms import loss_crt_coef
 from bpgo_jax.parallel.batching import split_chunks
+from bpgo_jax.parallel.mesh import on_mesh
 from bpgo_jax.update.loss import PolicyBatch, step_loss
 
 Params = Any
@@ -219,25 +220,29 @@ class UpdateStep:
       times slower than as its own program (docs/performance.md), so "auto"
       picks it on CPU.
     `state` and the accumulator are donated, so no step holds two copies of
-    either; output shardings are pinned to the state's, so nothing recompiles.
+    either; output shardings are pinned to the state's, so nothing recompiles. The
+    programs that call the model are traced on `metric_sharding`'s mesh (`on_mesh`).
     """
 
     def __init__(self, opts: StepOptions, *, accumulate: str, state_shardings, metric_sharding):
         if accumulate == "auto":
             accumulate = "host" if jax.default_backend() == "cpu" else "scan"
         self.opts, self.accumulate = opts, accumulate
+        mesh = metric_sharding.mesh
         if accumulate == "scan":
             self._step = jax.jit(
-                functools.partial(train_step, opts=opts),
+                on_mesh(functools.partial(train_step, opts=opts), mesh),
                 donate_argnums=(0,),
                 out_shardings=(state_shardings, metric_sharding),
             )
-            self._scan_sum = jax.jit(functools.partial(_gradient_sum_scan, opts=opts))
+            self._scan_sum = jax.jit(
+                on_mesh(functools.partial(_gradient_sum_scan, opts=opts), mesh)
+            )
             self.jitted = {"train_step": self._step}
             return
         self._prepare = jax.jit(functools.partial(_prepare, opts=opts))
         self._accumulate = jax.jit(
-            functools.partial(_accumulate, opts=opts),
+            on_mesh(functools.partial(_accumulate, opts=opts), mesh),
             donate_argnums=(0,),
             out_shardings=(state_shardings.trainable, metric_sharding),
         )

@@ -18,6 +18,11 @@
 Rotary tables `rope=(cos, sin)` (`dit.rope`) rotate queries and keys after
 their norms, over the whole (joint) sequence. The kernel is
 `models.attention.attention` with the module's `attention` choice.
+
+Under a mesh with a `context` axis (sequence parallelism) the tokens of both
+layers are split over it (`parallel.mesh.shard_tokens`): each shard's queries
+attend to the keys and values gathered whole over it, the exact attention;
+without one nothing changes.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from bpgo_jax.models.attention import attention
 from bpgo_jax.models.dit.norms import QKNorm
 from bpgo_jax.models.dit.rope import apply_rope
 from bpgo_jax.models.layers import activation
+from bpgo_jax.parallel.mesh import gather_tokens, shard_tokens
 
 Dtype = Any
 Rope = tuple[jax.Array, jax.Array] | None
@@ -72,9 +78,10 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         inner = self.inner_dim or 4 * x.shape[-1]
-        h = GELU(inner, self.activation_fn, self.bias, self.dtype, name="net_0")(x)
+        h = GELU(inner, self.activation_fn, self.bias, self.dtype, name="net_0")(shard_tokens(x))
         width = self.dim_out or x.shape[-1]
-        return nn.Dense(width, use_bias=self.bias, dtype=self.dtype, name="net_2")(h)
+        out = nn.Dense(width, use_bias=self.bias, dtype=self.dtype, name="net_2")(h)
+        return shard_tokens(out)
 
 
 class Attention(nn.Module):
@@ -129,6 +136,7 @@ class Attention(nn.Module):
             raise ValueError("joint attention needs a context")
         if image_context is not None and not cross:
             raise ValueError("image_context is the image branch of a cross-attention")
+        x = shard_tokens(x)
         kv_in = context if cross else x
         q = self._norm("norm_q", self._heads(dense(name="to_q")(x)))
         k = self._norm("norm_k", self._heads(dense(name="to_k")(kv_in)))
@@ -143,12 +151,15 @@ class Attention(nn.Module):
             q, k, v = join(q, cq), join(k, ck), join(v, cv)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # Local queries, keys and values whole: exact attention over a split sequence.
+        q, k, v = shard_tokens(q), gather_tokens(k), gather_tokens(v)
         out = attend(q, k, v).astype(x.dtype)
         if image_context is not None:
             ik = self._norm("norm_added_k", self._heads(added(name="add_k_proj")(image_context)))
             iv = self._heads(added(name="add_v_proj")(image_context))
+            ik, iv = gather_tokens(ik), gather_tokens(iv)
             out = out + attention(q, ik, iv, implementation=self.attention).astype(x.dtype)
-        out = out.reshape(*out.shape[:2], inner)
+        out = shard_tokens(out.reshape(*out.shape[:2], inner))
         if self.joint:
             if self.context_first:
                 ctx_out, out = out[:, :n_ctx], out[:, n_ctx:]

@@ -1,27 +1,31 @@
-"""Wan image-to-video (Wan2.2-I2V-A14B's two experts, or Wan2.1 I2V's one transformer with
-its CLIP image branch) as a `DiffusionModel`: WanImageToVideoPipeline's sampling as pure
-functions.
+"""Wan image-to-video (Wan2.2-I2V-A14B's two experts, Wan2.1 I2V / FLF2V's one transformer
+with its CLIP image branch, or Wan2.2 TI2V-5B's first-frame blend) as a `DiffusionModel`:
+WanImageToVideoPipeline's sampling as pure functions.
 
     sets = [("i2v.jsonl", load_prompts("i2v.jsonl"))]
     model, trainable, frozen = wan_i2v_model(folder, prompt_sets=sets, num_frames=81)
 
 The conditioning frame of each prompt comes from its prompt-file `image`
 (`prompts.images.condition_images`: a uint8 table `[N, H, W, 3]` kept in
-frozen["condition_images"], and `{prompt: row}`); `tokenize` appends the
-prompt's row to its UMT5 tokens, so `encode_text` (run once per rollout row,
+frozen["condition_images"], and `{prompt: row}`; FLF2V's last frame from its
+`metadata["last_image"]`, in frozen["last_images"]); `tokenize` appends the
+prompt's rows to its UMT5 tokens, so `encode_text` (run once per rollout row,
 inside the rollout program) returns the whole conditioning and the update
 recomputes exactly the network inputs of the rollout:
 
 - "prompt_embeds" / "negative_embeds": UMT5 states of the prompt and of
   `negative_prompt` (WanPipeline's "" by default);
 - "condition" `[B, F, H, W, 4 + z]`: the pipeline's `prepare_latents` - the
-  video [image, zeros x (num_frames - 1)] VAE-encoded (posterior mean),
-  normalized, after the 4 mask channels (1 on the first latent frame, which
-  stands for the first frame repeated `temporal_factor` times, 0 elsewhere);
+  video [image, zeros x (num_frames - 1)] (FLF2V: the last of them the last
+  image) VAE-encoded (posterior mean), normalized, after the 4 mask channels
+  (`condition_mask`: 1 on the first latent frame, which stands for the first
+  frame repeated `temporal_factor` times, and on the last pixel frame for
+  FLF2V); TI2V: the image's own latent `[B, 1, H, W, z]`;
 - "image_embeds" (Wan2.1 I2V, whose transformer has the CLIP image branch):
   the folder's `image_encoder` (CLIP ViT-H) penultimate hidden states of the
-  original image (`encode_image`), its pixels made on the host as the
-  folder's `image_processor` does (`prompts.images.clip_pixels`, kept in
+  original image (`encode_image`; FLF2V: the first and last images' states
+  concatenated), its pixels made on the host as the folder's
+  `image_processor` does (`prompts.images.clip_pixels`, kept in
   frozen["clip_pixels"]).
 
 `predict` feeds `[x, condition]` (36 channels for Wan2.1's VAE) to the expert
@@ -33,11 +37,17 @@ engine's `sample.guidance_scale` must then be 1.0). Rows of one call on both
 sides of the boundary (the update's per-sample steps) run both experts and
 take each row's own; a call on one side runs one expert only.
 
+TI2V (`expand_timesteps` in model_index.json or the preset): the one
+transformer reads the latents alone, their first latent frame replaced by the
+image's latent, with per-token timesteps 0 on that frame's tokens; the model's
+`hold` makes the sampler keep that frame at the image's latent (no step
+noise) and the log-probs average over the other frames
+(`rollout.samplers.held`), as the pipeline never samples it.
+
 Trees: trainable = {expert: params} for the trained experts (`experts`,
 default all) or {"lora": {expert: factors}}; frozen = {"vae", "text",
 "condition_images"[, "image_encoder", "clip_pixels"]} plus every expert's
-weights that are not trained (under LoRA: all of them). Wan2.2 TI2V's
-first-frame blend is not part of this path.
+weights that are not trained (under LoRA: all of them).
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -74,6 +84,8 @@ from bpgo_jax.models.wan.transformer import (
     EXPERTS,
     WanTransformer3DModel,
     example_inputs,
+    expanded_timesteps,
+    first_frame_mask,
     load_wan_transformer,
     wan_transformer,
 )
@@ -97,11 +109,34 @@ class WanI2VModules:
     boundary_ratio: float | None  # None: one transformer for every step
     image_encoder: CLIPVisionModel | None = None  # Wan2.1 I2V's CLIP vision tower
     image_processor: dict | None = None  # its preprocessor_config.json
+    expand_timesteps: bool = False  # Wan2.2 TI2V: the first-frame blend, per-token timesteps
+
+
+@dataclasses.dataclass(frozen=True)
+class WanI2VModel(DiffusionModel):
+    """An image-to-video `DiffusionModel`; TI2V's adds `hold` (`rollout.samplers.held`):
+    the first latent frame held at the conditioning image's latent."""
+
+    hold: Callable[[Any], tuple[jax.Array, jax.Array]] | None = None
 
 
 def check_i2v(m: WanI2VModules) -> None:
-    """The experts read `[latents, mask, image latents]` and write latents (else ValueError)."""
+    """The experts read `[latents, mask, image latents]` (TI2V: the latents, whose first frame
+    is the image's) and write latents (else ValueError)."""
     z, mask = m.vae.cfg.z_dim, m.vae.cfg.temporal_factor
+    if m.expand_timesteps:
+        t = m.experts[0][1].cfg
+        if len(m.experts) != 1 or m.image_encoder is not None or t.has_image_branch:
+            raise ValueError("Wan2.2 TI2V (expand_timesteps) has one transformer, no image branch")
+        if t.in_channels != z or t.out_channels != z:
+            raise ValueError(
+                f"transformer in/out_channels={t.in_channels}/{t.out_channels}; TI2V with vae "
+                f"z_dim={z} needs {z}/{z} (the latents, the first frame blended in)"
+            )
+        width = m.text.modules["t5"].cfg.d_model
+        if width != t.text_dim:
+            raise ValueError(f"UMT5 width {width} does not match text_dim {t.text_dim}")
+        return
     if len(m.experts) == 2 and m.boundary_ratio is None:
         raise ValueError("two experts need a boundary_ratio (model_index.json) to switch at")
     if len(m.experts) == 1 and m.boundary_ratio is not None:
@@ -129,27 +164,56 @@ def check_i2v(m: WanI2VModules) -> None:
             raise ValueError(f"UMT5 width {width} does not match {name}'s text_dim {t.text_dim}")
 
 
+def condition_mask(num_frames: int, temporal: int, last: jax.Array | None = None) -> jax.Array:
+    """`prepare_latents`' mask channels `[B | 1, F, 1, 1, temporal]`: 1 on the given pixel
+    frames (the first; the last too where `last` [B] is True), the first one repeated
+    `temporal` times, then grouped `temporal` frames per latent frame."""
+    pixels = jnp.zeros((1, num_frames), jnp.float32).at[:, 0].set(1.0)
+    if last is not None:
+        last = jnp.asarray(last, jnp.float32)
+        pixels = jnp.broadcast_to(pixels, (last.shape[0], num_frames)).at[:, -1].set(last)
+    pixels = jnp.concatenate([jnp.repeat(pixels[:, :1], temporal, axis=1), pixels[:, 1:]], axis=1)
+    return pixels.reshape(pixels.shape[0], -1, 1, 1, temporal)
+
+
 def condition_latents(
-    vae: wan_vae.AutoencoderKLWan, params: Params, images: jax.Array, num_frames: int
+    vae: wan_vae.AutoencoderKLWan,
+    params: Params,
+    images: jax.Array,
+    num_frames: int,
+    last_images: jax.Array | None = None,
+    has_last: jax.Array | None = None,
 ) -> jax.Array:
     """`prepare_latents`' condition: images `[B, H, W, 3]` in [-1, 1] -> `[B, F, h, w, 4 + z]`.
 
-    The video is the image followed by `num_frames - 1` black (zero) frames,
-    VAE-encoded (posterior mean) and normalized; the mask channels are 1 on
-    the first latent frame only.
+    The video is the image followed by `num_frames - 1` black (zero) frames
+    (FLF2V: the last of them `last_images` where `has_last` [B]), VAE-encoded
+    (posterior mean) and normalized, after the mask channels (`condition_mask`).
     """
     b, h, w, c = images.shape
-    video = jnp.concatenate([images[:, None], jnp.zeros((b, num_frames - 1, h, w, c))], axis=1)
-    mean, _ = wan_vae.encode(vae, params, video.astype(jnp.float32))
+    video = [images[:, None], jnp.zeros((b, num_frames - 1, h, w, c))]
+    if last_images is not None:
+        keep = jnp.asarray(has_last, jnp.float32)[:, None, None, None]
+        video = [video[0], video[1][:, 1:], (last_images * keep)[:, None]]
+    mean, _ = wan_vae.encode(vae, params, jnp.concatenate(video, axis=1).astype(jnp.float32))
     latents = wan_vae.normalize_latents(vae.cfg, mean)
-    mask = jnp.zeros((*latents.shape[:-1], vae.cfg.temporal_factor), jnp.float32)
-    mask = mask.at[:, 0].set(1.0)
+    last = None if last_images is None else has_last
+    mask = condition_mask(num_frames, vae.cfg.temporal_factor, last)
+    mask = jnp.broadcast_to(mask, (*latents.shape[:-1], vae.cfg.temporal_factor))
     return jnp.concatenate([mask, latents], axis=-1)
+
+
+def first_frame_latent(vae: wan_vae.AutoencoderKLWan, params: Params, images: jax.Array):
+    """TI2V's condition: images `[B, H, W, 3]` in [-1, 1] -> the normalized VAE latent
+    (posterior mean) of the one-frame video, `[B, 1, h, w, z]`."""
+    mean, _ = wan_vae.encode(vae, params, images[:, None].astype(jnp.float32))
+    return wan_vae.normalize_latents(vae.cfg, mean)
 
 
 @dataclasses.dataclass(frozen=True)
 class RowTokenizer:
-    """UMT5 tokens of each prompt with its conditioning-image row appended (`[B, L + 1]`).
+    """UMT5 tokens of each prompt with its conditioning-image row and last-image row
+    appended (`[B, L + 2]`; -1: no last image).
 
     Prompts without an image are refused, except `allowed` (the negative
     prompts the engine encodes), which get row -1 (a zero condition).
@@ -158,6 +222,7 @@ class RowTokenizer:
     text: Tokenizer
     rows: Mapping[str, int]
     allowed: frozenset[str] = frozenset({""})
+    last_rows: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def max_length(self) -> int:
@@ -174,9 +239,9 @@ class RowTokenizer:
                     f"prompt {p!r} has no conditioning image: list its prompt file in "
                     'model.condition_prompts (every entry needs an "image")'
                 )
-            rows.append(self.rows.get(p, -1))
+            rows.append((self.rows.get(p, -1), self.last_rows.get(p, -1)))
         tokens = np.asarray(self.text(prompts), np.int32)
-        return np.concatenate([tokens, np.asarray(rows, np.int32)[:, None]], axis=1)
+        return np.concatenate([tokens, np.asarray(rows, np.int32).reshape(-1, 2)], axis=1)
 
 
 def _expert_params(trainable: Params, frozen: Params, lora: LoraSpec | None, name: str) -> Params:
@@ -238,17 +303,22 @@ def model_from_modules(
     negative_prompt: str = "",
     experts: Sequence[str] | None = None,
     clip: np.ndarray | None = None,
+    last: tuple[np.ndarray, Mapping[str, int]] | None = None,
 ) -> tuple[DiffusionModel, tuple[str, ...]]:
     """`(model, trained experts)` for `num_frames` x `resolution` videos of the prompts `rows`
     (`images` uint8 `[N, H, W, 3]` at that size; `clip` their CLIP pixels `[N, S, S, 3]`
-    for a model with an image encoder). `guidance_scale_2` None: the first."""
+    for a model with an image encoder, FLF2V's last images' rows after the first
+    images'). `last`: `(uint8 [M, H, W, 3], {prompt: row})` of the prompts with a
+    last frame (FLF2V; frozen["last_images"]). `guidance_scale_2` None: the first."""
     check_i2v(m)
     height, width = dit_pipeline.image_size(resolution, DEFAULT_SIZE)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
-        raise ConfigError(
-            f"conditioning images {images.dtype}{list(images.shape)} must be uint8 "
-            f"[N, {height}, {width}, 3] (model.resolution)"
-        )
+    tables = [("conditioning images", images)] + ([] if last is None else [("last", last[0])])
+    for what, table in tables:
+        if table.dtype != np.uint8 or table.ndim != 4 or table.shape[1:] != (height, width, 3):
+            raise ConfigError(
+                f"{what} {table.dtype}{list(table.shape)} must be uint8 "
+                f"[N, {height}, {width}, 3] (model.resolution)"
+            )
     shape = latent_shape(m.vae.cfg, num_frames, height, width)
     first = m.experts[0][1].cfg
     _, ph, pw = first.patch_size
@@ -257,6 +327,8 @@ def model_from_modules(
     trained = _trained(m, experts)
     if (clip is None) != (m.image_encoder is None):
         raise ValueError("give `clip` pixels exactly when the model has an image encoder")
+    last_rows = _check_last(m, rows, last, num_frames)
+    flf = bool(last_rows)
     second = guidance_scale if guidance_scale_2 is None else guidance_scale_2
     scales = (float(guidance_scale), float(second))
     boundary = (
@@ -266,22 +338,41 @@ def model_from_modules(
     )
     stack = m.text
     negative = np.asarray(stack.tokenizer([negative_prompt]), np.int32)
-    tokenize = RowTokenizer(stack.tokenizer, dict(rows), frozenset({"", negative_prompt}))
+    allowed = frozenset({"", negative_prompt})
+    tokenize = RowTokenizer(stack.tokenizer, dict(rows), allowed, dict(last_rows))
     guided = any(s != 1.0 for s in scales[: len(m.experts)])
+    # TI2V: the first latent frame is the image's (held), its tokens at timestep 0.
+    frame_mask = first_frame_mask(shape) if m.expand_timesteps else None
+    drawn = None if frame_mask is None else jnp.asarray(frame_mask[None, ..., None] > 0)
 
     def encode_text(frozen: Params, tokens: jax.Array) -> dict[str, jax.Array]:
-        text = stack.encode(frozen["text"], tokens[:, :-1])["prompt_embeds"]
-        row = tokens[:, -1]
+        text = stack.encode(frozen["text"], tokens[:, :-2])["prompt_embeds"]
+        row, last_row = tokens[:, -2], tokens[:, -1]
         table = frozen["condition_images"]
-        picked = signed(table[jnp.clip(row, 0, table.shape[0] - 1)])
-        condition = condition_latents(m.vae, frozen["vae"], picked, num_frames)
-        condition = condition * (row >= 0).astype(jnp.float32)[:, None, None, None, None]
-        cond = {"prompt_embeds": text, "condition": condition}
+        pick = jnp.clip(row, 0, table.shape[0] - 1)
+        picked = signed(table[pick])
+        present = (row >= 0).astype(jnp.float32)[:, None, None, None, None]
+        lpick = has_last = None
+        if m.expand_timesteps:
+            condition = first_frame_latent(m.vae, frozen["vae"], picked)
+        elif flf:
+            ltable = frozen["last_images"]
+            lpick, has_last = jnp.clip(last_row, 0, ltable.shape[0] - 1), last_row >= 0
+            lasts = signed(ltable[lpick])
+            condition = condition_latents(m.vae, frozen["vae"], picked, num_frames, lasts, has_last)
+        else:
+            condition = condition_latents(m.vae, frozen["vae"], picked, num_frames)
+        cond = {"prompt_embeds": text, "condition": condition * present}
         if m.image_encoder is not None:
-            pixels = frozen["clip_pixels"][jnp.clip(row, 0, table.shape[0] - 1)]
+            pixels = frozen["clip_pixels"][pick]
+            if flf:  # the last images' pixels follow the first images' rows
+                pixels = jnp.concatenate([pixels, frozen["clip_pixels"][table.shape[0] + lpick]])
             encoder = {"params": frozen["image_encoder"]}
             states = m.image_encoder.apply(encoder, pixels, output_hidden_states=True)[2]
-            cond["image_embeds"] = states[-2].astype(jnp.float32)
+            states = states[-2].astype(jnp.float32)
+            if flf:  # FLF2V: both frames' states, concatenated (the pipeline's [image, last])
+                states = jnp.concatenate(jnp.split(states, 2), axis=1)
+            cond["image_embeds"] = states
         if guided:
             neg = stack.encode(frozen["text"], jnp.asarray(negative))["prompt_embeds"]
             cond["negative_embeds"] = jnp.broadcast_to(neg, text.shape)
@@ -302,8 +393,13 @@ def model_from_modules(
         return out_u + scales[i] * (out_c - out_u)
 
     def predict(trainable, frozen, x, timestep, cond):
-        x_in = jnp.concatenate([x, cond["condition"].astype(x.dtype)], axis=-1)
         t = jnp.asarray(timestep, jnp.float32)
+        if m.expand_timesteps:  # the pipeline's blend and per-token timesteps
+            x_in = jnp.where(drawn, x, cond["condition"].astype(x.dtype))
+            return run_expert(
+                0, trainable, frozen, x_in, expanded_timesteps(t, frame_mask, first), cond
+            )
+        x_in = jnp.concatenate([x, cond["condition"].astype(x.dtype)], axis=-1)
         args = (trainable, frozen, x_in, t, cond)
         if boundary is None:
             return run_expert(0, *args)
@@ -317,6 +413,10 @@ def model_from_modules(
         return jax.lax.switch(
             branch, [lambda: run_expert(0, *args), lambda: run_expert(1, *args), mixed]
         )
+
+    def hold(cond) -> tuple[jax.Array, jax.Array]:
+        condition = cond["condition"]
+        return drawn, jnp.broadcast_to(condition, (condition.shape[0], *shape))
 
     def decode(frozen: Params, latents: jax.Array) -> jax.Array:
         return wan_vae.decode_frames(m.vae, frozen["vae"], latents)
@@ -333,12 +433,12 @@ def model_from_modules(
         frozen = {
             "vae": random_params(m.vae, keys[-3], dtype, *wan_vae.example_inputs(m.vae.cfg)),
             "text": stack.init(keys[-2], dtype),
-            "condition_images": jnp.asarray(images, jnp.uint8),
+            **condition_tables(images, last if flf else None),
         }
         return split_experts(nets, frozen, lora, trained, keys[-1])
 
     first_module = m.experts[0][1]
-    model = DiffusionModel(
+    model = WanI2VModel(
         name="wan",
         latent_shape=tuple(shape),
         prediction_type="flow",
@@ -348,8 +448,51 @@ def model_from_modules(
         decode=decode,
         init=init,
         scheduler_config=dict(m.scheduler),
+        hold=hold if m.expand_timesteps else None,
     )
     return model, trained
+
+
+def condition_tables(
+    images: np.ndarray, last: tuple[np.ndarray, Mapping[str, int]] | None
+) -> dict[str, jax.Array]:
+    """The frozen uint8 image tables: "condition_images"[, "last_images" (FLF2V)]."""
+    out = {"condition_images": jnp.asarray(images, jnp.uint8)}
+    if last is not None and len(last[1]):
+        out["last_images"] = jnp.asarray(last[0], jnp.uint8)
+    return out
+
+
+def _check_last(
+    m: WanI2VModules,
+    rows: Mapping[str, int],
+    last: tuple[np.ndarray, Mapping[str, int]] | None,
+    num_frames: int,
+) -> Mapping[str, int]:
+    """The prompts' last-image rows, checked against the model (ConfigError naming why)."""
+    last_rows = {} if last is None else dict(last[1])
+    cfg = m.experts[0][1].cfg
+    if cfg.pos_embed_seq_len is not None:  # FLF2V's image branch reads two frames
+        missing = [p for p in rows if p not in last_rows]
+        if missing:
+            raise ConfigError(
+                f"prompt {missing[0]!r} has no last_image: this first-last-frame (FLF2V) model "
+                'needs "last_image" in the metadata of every prompt'
+            )
+    if not last_rows:
+        return last_rows
+    if m.expand_timesteps:
+        raise ConfigError(
+            "Wan2.2 TI2V conditions on the first frame only: remove the prompts' last_image"
+        )
+    if cfg.has_image_branch and cfg.pos_embed_seq_len is None:
+        raise ConfigError(
+            "prompts have a last_image, but this Wan2.1 I2V transformer's image branch reads "
+            "one frame (the FLF2V transformer has pos_embed_seq_len)"
+        )
+    if num_frames < 5:
+        raise ConfigError(f"a last_image needs model.num_frames >= 5, not {num_frames}")
+    return last_rows
 
 
 # ---------------------------------------------------------------- building
@@ -360,8 +503,6 @@ def modules_from_configs(configs: dict, dtype: Any = jnp.float32, **options: Any
     its form: `transformer`[, `transformer_2`, `boundary_ratio`], `vae`[, `text_encoder`,
     `scheduler`]); `options` are `dit.pipeline.BuildOptions.modules()`."""
     o = dit_pipeline.options_of(options)
-    if configs.get("expand_timesteps"):
-        raise ConfigError("Wan2.2 TI2V (expand_timesteps) is not part of the I2V path")
     if configs["transformer"].get("image_dim") is not None:
         raise ConfigError(
             "random Wan2.1 I2V weights need a CLIP image encoder config: load a folder"
@@ -375,6 +516,7 @@ def modules_from_configs(configs: dict, dtype: Any = jnp.float32, **options: Any
         experts=experts,
         **preset_components(configs, dtype, o),
         boundary_ratio=configs.get("boundary_ratio"),
+        expand_timesteps=bool(configs.get("expand_timesteps", False)),
     )
 
 
@@ -388,10 +530,11 @@ def is_i2v_folder(folder: str) -> bool:
 
 
 def load_wan_i2v(folder: str, **options: Any) -> tuple[WanI2VModules, dict]:
-    """A WanImageToVideoPipeline folder -> `(modules, {expert..., "vae", "text"})`; Wan2.2
-    A14B's `transformer_2/` and `boundary_ratio`, Wan2.1 I2V's `image_encoder/` (+
-    `"image_encoder"` params) and `image_processor/` are read when model_index.json has
-    them. `options` are `dit.pipeline.BuildOptions`."""
+    """A WanImageToVideoPipeline folder (or Wan2.2 TI2V-5B's) -> `(modules, {expert...,
+    "vae", "text"})`; Wan2.2 A14B's `transformer_2/` and `boundary_ratio`, TI2V's
+    `expand_timesteps`, Wan2.1 I2V's `image_encoder/` (+ `"image_encoder"` params) and
+    `image_processor/` are read when model_index.json has them. `options` are
+    `dit.pipeline.BuildOptions`."""
     o = dit_pipeline.options_of(options)
     index = weights.read_json(os.path.join(folder, "model_index.json"))
     base, params = dit_pipeline.load_components(
@@ -422,8 +565,9 @@ def load_wan_i2v(folder: str, **options: Any) -> tuple[WanI2VModules, dict]:
         )
         where = os.path.join(folder, "image_processor", "preprocessor_config.json")
         processor = weights.read_json(where)
+    expand = bool(index.get("expand_timesteps", False))
     mods = WanI2VModules(
-        tuple(experts), base.vae, base.text, base.scheduler, ratio, encoder, processor
+        tuple(experts), base.vae, base.text, base.scheduler, ratio, encoder, processor, expand
     )
     try:
         check_i2v(mods)
@@ -454,6 +598,7 @@ def wan_i2v_model(
     opts = dit_pipeline.options_of(options)
     height, width = dit_pipeline.image_size(resolution, DEFAULT_SIZE)
     images, rows = condition_images(prompt_sets, height, width)
+    last = condition_images(prompt_sets, height, width, key="last_image")
     kw = dict(
         num_frames=num_frames,
         resolution=resolution,
@@ -462,6 +607,7 @@ def wan_i2v_model(
         guidance_scale_2=guidance_scale_2,
         negative_prompt=negative_prompt,
         experts=experts,
+        last=last,
     )
     if not isinstance(source, str):
         model, _ = model_from_modules(
@@ -469,13 +615,14 @@ def wan_i2v_model(
         )
         return (model, *model.init(rng))
     mods, params = load_wan_i2v(source, **options)
-    clip = None if mods.image_encoder is None else clip_table(prompt_sets, mods.image_processor)
+    clip = None
+    if mods.image_encoder is not None:
+        clip = clip_table(prompt_sets, mods.image_processor)
+        if last[1]:  # FLF2V: the last images' pixels after the first images'
+            extra = clip_table(prompt_sets, mods.image_processor, key="last_image")
+            clip = np.concatenate([clip, extra])
     model, trained = model_from_modules(mods, images, rows, clip=clip, **kw)
-    frozen = {
-        "vae": params["vae"],
-        "text": params["text"],
-        "condition_images": jnp.asarray(images, jnp.uint8),
-    }
+    frozen = {"vae": params["vae"], "text": params["text"], **condition_tables(images, last)}
     if clip is not None:
         frozen.update(image_encoder=params["image_encoder"], clip_pixels=jnp.asarray(clip))
     nets = {name: params[name] for name, _ in mods.experts}
@@ -500,6 +647,31 @@ def condition_files(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     return files
 
 
+def config_options(cfg: ml_collections.ConfigDict) -> tuple[list[tuple[str, PromptSet]], dict]:
+    """`(prompt sets, dit.pipeline.model_from_config keywords)` of an image-to-video
+    `config.model` (`wan_i2v_from_config`; the abstract build of `parallel.aot` reads
+    the same)."""
+    sets = [(f, load_prompts(f)) for f in condition_files(cfg)]
+    scales = tuple(float(s) for s in (cfg.get("guidance_scales", None) or (DEFAULT_GUIDANCE,)))
+    if not 1 <= len(scales) <= 2 or not all(np.isfinite(s) and s >= 1.0 for s in scales):
+        raise ConfigError(
+            f"config.model.guidance_scales={scales!r} must be one or two numbers >= 1 "
+            "(high-noise, low-noise expert)"
+        )
+    lora_cfg = cfg.get("lora", None) or {}
+    return sets, dict(
+        family="Wan",
+        targets=WAN_ATTENTION_TARGETS,
+        preset=preset,
+        overrides=("transformer", "transformer_2", "vae"),
+        num_frames=int(cfg.get("num_frames", DEFAULT_FRAMES)),
+        guidance_scale=scales[0],
+        guidance_scale_2=scales[-1],
+        negative_prompt=str(cfg.get("negative_prompt", "")),
+        experts=tuple(lora_cfg.get("experts", None) or ()),
+    )
+
+
 def wan_i2v_from_config(
     cfg: ml_collections.ConfigDict, rng: jax.Array, sharding_fn=None
 ) -> tuple[DiffusionModel, Params, Params]:
@@ -513,31 +685,9 @@ def wan_i2v_from_config(
     WanImageToVideoPipeline's 5.0), `negative_prompt` ("" as the pipeline's)
     and `lora.experts` (which experts train; empty: all).
     """
-    sets = [(f, load_prompts(f)) for f in condition_files(cfg)]
-    scales = tuple(float(s) for s in (cfg.get("guidance_scales", None) or (DEFAULT_GUIDANCE,)))
-    if not 1 <= len(scales) <= 2 or not all(np.isfinite(s) and s >= 1.0 for s in scales):
-        raise ConfigError(
-            f"config.model.guidance_scales={scales!r} must be one or two numbers >= 1 "
-            "(high-noise, low-noise expert)"
-        )
-    lora_cfg = cfg.get("lora", None) or {}
-    experts = tuple(lora_cfg.get("experts", None) or ())
+    sets, options = config_options(cfg)
     build = functools.partial(_build_from_config, prompt_sets=sets)
-    return dit_pipeline.model_from_config(
-        cfg,
-        rng,
-        sharding_fn,
-        family="Wan",
-        targets=WAN_ATTENTION_TARGETS,
-        preset=preset,
-        build=build,
-        overrides=("transformer", "transformer_2", "vae"),
-        num_frames=int(cfg.get("num_frames", DEFAULT_FRAMES)),
-        guidance_scale=scales[0],
-        guidance_scale_2=scales[-1],
-        negative_prompt=str(cfg.get("negative_prompt", "")),
-        experts=experts,
-    )
+    return dit_pipeline.model_from_config(cfg, rng, sharding_fn, build=build, **options)
 
 
 def _build_from_config(source, *, text_cache=None, **kw):
