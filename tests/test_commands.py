@@ -1,9 +1,10 @@
 """The training and read-only commands end to end, as a user runs them.
 
-`launch/train.py` with the DDPO tracker, fixed priors from
-`launch/estimate_priors.py`, and reference priors across a SIGTERM and a
-resume; `launch/sample.py`. The read-only tools must leave a run's workdir
-byte for byte as it was.
+`launch/train.py` with the DDPO tracker, and with reference priors across a
+SIGTERM and a resume; `launch/estimate_priors.py` and `launch/sample.py` on
+its checkpoint. The read-only tools must leave a run's workdir byte for byte
+as it was. (Training on the priors `estimate_priors` writes, `prior.kind=fixed`:
+tests/test_wan_i2v.py's launched run.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from commands import last_line, run_launch
 
-from bpgo_jax.prompts import load_prompts, prompt_ids
+from bpgo_jax.prompts import load_prompts
 
 TESTS = Path(__file__).resolve().parent
 
@@ -53,7 +54,7 @@ def _train(config: Path, workdir: Path, *flags: str):
 
 
 @pytest.mark.slow
-def test_tracker_run_then_read_only_tools_then_fixed_priors(tmp_path):
+def test_tracker_run_then_read_only_tools(tmp_path):
     config = _config_file(tmp_path, **{"mesh.num_devices": 1})
     run = tmp_path / "run"
     rows = _train(
@@ -108,17 +109,6 @@ def test_tracker_run_then_read_only_tools_then_fixed_priors(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert last_line(done.stderr).startswith("error: ") and "--base_weights" in done.stderr
     assert list(empty.iterdir()) == []
-
-    # Training on the estimated priors anchors each group at its prompt's prior.
-    fixed = _train(
-        config,
-        tmp_path / "fixed",
-        f"--config.prompts.path={priors}",
-        "--config.prior.kind=fixed",
-        "--config.train.num_epochs=1",
-    )
-    ids = prompt_ids(4, 0, 0, 4)
-    np.testing.assert_allclose(fixed[0]["prior_mean"], with_priors.priors[ids].mean(), rtol=1e-5)
 
 
 @pytest.mark.slow

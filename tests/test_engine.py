@@ -235,7 +235,10 @@ def test_eval_noise_ode_evaluates_with_the_deterministic_sampler(tmp_path):
 def test_shared_initial_noise_stays_on_policy(tmp_path):
     """One initial noise per group (DanceGRPO): every group's samples start alike,
     groups differ, and the update's recomputed ratios are still exactly 1."""
-    config = _config(tmp_path, **{"sample.shared_initial_noise": True, "train.num_epochs": 1})
+    config = _config(
+        tmp_path,
+        **{"sample.shared_initial_noise": True, "train.num_epochs": 1, "mesh.num_devices": 1},
+    )
     run, trainable = build_run(config)
     rollout = run.generate(
         np.arange(4), run.prompts, per_prompt=4, trainable=trainable, epoch_key=run.epoch_key(0, 0)

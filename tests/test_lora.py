@@ -218,7 +218,9 @@ def test_built_in_model_lora(tmp_path):
     from bpgo_jax.models import build_model
     from bpgo_jax.train import train
 
-    cfg = tiny_config(tmp_path, **{"model.lora.rank": 2, "train.num_epochs": 1})
+    cfg = tiny_config(
+        tmp_path, **{"model.lora.rank": 2, "train.num_epochs": 1, "mesh.num_devices": 1}
+    )
     model, trainable, frozen = build_model(cfg.model, jax.random.key(0))
     full = tiny_config(tmp_path)
     _, base_trainable, _ = build_model(full.model, jax.random.key(0))

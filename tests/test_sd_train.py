@@ -5,7 +5,9 @@ libraries' own `save_pretrained` (the layout real checkpoints have), then runs
 `launch/train.py --config=configs/sd_tiny_test.py --cpu_devices=2` as a
 subprocess on two CPU devices with the UNet kernels sharded over an fsdp axis: load ->
 DDIM rollout with CFG -> CLIP score -> BPGO update of LoRA factors ->
-checkpoint -> resume.
+checkpoint -> resume. (A full fine-tune, fsdp-sharded with a KL to the frozen
+copy, runs end to end in tests/test_dit_train.py; the UNet's kernels landing on
+their fsdp shards is `test_loaded_weights_land_on_their_rule_shardings`.)
 """
 
 from __future__ import annotations
@@ -121,24 +123,6 @@ def test_lora_run_trains_checkpoints_and_resumes(folders, tmp_path):
     # epoch's update is on-policy: the update must recompute the rollout's
     # log-probs bit for bit (ratio exactly 1), before and after resuming.
     assert [r["onpolicy_ratio_max_dev"] for r in records] == [0.0, 0.0, 0.0]
-
-
-@pytest.mark.slow
-def test_full_fine_tune_run_trains_the_sharded_unet(folders, tmp_path):
-    # lora.rank=0: the whole UNet is trainable, its kernels FSDP-sharded over
-    # the two devices (loaded straight onto their shards), KL to the frozen copy.
-    workdir = tmp_path / "full"
-    _launch(
-        folders,
-        workdir,
-        "--config.model.lora.rank=0",
-        "--config.train.num_epochs=1",
-        "--config.train.kl_beta=0.01",
-    )
-    (record,) = _records(workdir)
-    assert record["onpolicy_ratio_max_dev"] == 0.0 and record["approx_kl"] == 0.0
-    assert np.isfinite(record["loss"]) and record["grad_norm"] > 0
-    assert np.isfinite(record["kl_ref"]) and record["skipped_updates"] == 0
 
 
 # ------------------------------------------------------------------ configs
