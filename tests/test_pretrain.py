@@ -79,10 +79,9 @@ def test_space_to_depth_round_trip_keeps_patches_together():
     np.testing.assert_array_equal(depth_to_space(y, 2), x)
 
 
-@pytest.mark.parametrize("patch", [1, 2])
-def test_train_step_reduces_loss_and_trains_text_encoder(patch):
+def test_train_step_reduces_loss_and_trains_text_encoder():
     cfg = tiny_cfg()
-    cfg.patch = patch
+    cfg.patch = 2  # the shipped generator's 2x2 pixel patches (patch 1: the other tests)
     model = tiny_model(cfg)
     opt = pretrain.pretrain_optimizer(train_cfg(steps=30, lr=1e-2, warmup_steps=2))
     state = pretrain.init_state(model, opt, jax.random.key(0))

@@ -138,13 +138,11 @@ def _one_epoch(tmp_path, **kw):
     return record
 
 
-@pytest.mark.parametrize(
-    "override", [{"sample.noise": "cps"}, {"sample.sde_window": (1, 2)}], ids=["cps", "window"]
-)
-def test_on_policy(tmp_path, override):
-    """The first update of the epoch recomputes ratios of exactly 1, with finite loss
-    and gradients (no step of std 0 reaches the log-ratio); the second is off-policy."""
-    record = _one_epoch(tmp_path, **override)
+def test_cps_noise_in_an_sde_window_is_on_policy(tmp_path):
+    """CPS noise on the one stochastic step of three (the others ODE steps): the first
+    update of the epoch recomputes ratios of exactly 1, with finite loss and gradients
+    (no step of std 0 reaches the log-ratio); the second is off-policy."""
+    record = _one_epoch(tmp_path, **{"sample.noise": "cps", "sample.sde_window": (1, 2)})
     assert record["onpolicy_ratio_max_dev"] == 0.0
     assert record["skipped_updates"] == 0
     assert np.isfinite(record["loss"]) and record["grad_norm"] > 0
