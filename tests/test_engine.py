@@ -217,6 +217,7 @@ def test_eval_noise_ode_evaluates_with_the_deterministic_sampler(tmp_path):
             tmp_path,
             **{
                 "eval.noise": noise,
+                "mesh.num_devices": 1,
                 "eval.rewards": {"saturation": {"weight": 1.0}},
                 "eval.prompts_path": str(tmp_path / "prompts.txt"),
                 "eval.num_prompts": 4,

@@ -7,7 +7,8 @@
   and exit with 75; the job run again resumes. The two parts give the metrics
   rows (rewards, advantages, priors, loss) and final parameters of one
   uninterrupted process with the same 4 devices, and only process 0 writes
-  metrics.
+  metrics. `launch/sample.py` as a job on its checkpoint writes every host's
+  samples.
 - A checkpoint written on one mesh restores onto another (full fine-tune and
   LoRA, optimiser state included).
 - Meshes follow the hardware: CPU devices keep their order; the slices of a
@@ -30,6 +31,7 @@ import jax
 import numpy as np
 import pytest
 from multiprocess_job import SIGTERM_REWARD, get_config, write_prompts
+from PIL import Image
 from tiny_config import tiny_config
 
 from bpgo_jax.build import build_run, build_training
@@ -37,6 +39,7 @@ from bpgo_jax.checkpoint import Checkpointer
 from bpgo_jax.models import save_params
 from bpgo_jax.models.tiny import tiny_model
 from bpgo_jax.parallel.mesh import BATCH_AXES, device_grid, make_mesh
+from bpgo_jax.rewards.colour import saturation
 from bpgo_jax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,9 +56,10 @@ def _free_port() -> int:
 
 
 class Job:
-    """The train command as `PROCESSES` processes of one job, on 2 CPU devices each."""
+    """A launcher (`launch/train.py` unless `script`) as `PROCESSES` processes of one job,
+    on 2 CPU devices each."""
 
-    def __init__(self, tmp_path: Path, name: str, *flags: str):
+    def __init__(self, tmp_path: Path, name: str, *flags: str, script: str = "train.py"):
         port = _free_port()
         self.logs = [tmp_path / f"{name}-{i}.log" for i in range(PROCESSES)]
         env = {
@@ -76,7 +80,7 @@ class Job:
         for i, log in enumerate(self.logs):
             cmd = [
                 sys.executable,
-                str(ROOT / "launch" / "train.py"),
+                str(ROOT / "launch" / script),
                 f"--config={JOB_CONFIG}:{tmp_path}",
                 "--compile_cache=",
                 f"--coordinator=127.0.0.1:{port}",
@@ -201,6 +205,22 @@ def test_two_processes_match_one_and_resume_after_sigterm(tmp_path):
         _params(state.trainable),
         _params(reference.state.trainable),
     )
+
+    # launch/sample.py as a job on that checkpoint: process 0 writes every host's samples,
+    # each file beside its own prompt and reward (recomputed from the PNG: 8-bit rounding).
+    samples = tmp_path / "samples"
+    prompts = ("a red circle", "a blue square")
+    asked = [f"--prompt={p}" for p in prompts] + ["--num_per_prompt=4", f"--outdir={samples}"]
+    Job(tmp_path, "sample", *flags[:2], *asked, script="sample.py").wait()
+    index = json.loads((samples / "index.json").read_text())
+    assert index["epoch"] == 2 and [e["prompt"] for e in index["images"]] == [
+        p for p in prompts for _ in range(4)
+    ]
+    listed = np.asarray([e["rewards"]["saturation"] for e in index["images"]])
+    pixels = np.stack([np.asarray(Image.open(samples / e["file"])) for e in index["images"]])
+    recomputed = np.asarray(saturation(pixels.astype(np.float32) / 255))
+    np.testing.assert_allclose(recomputed, listed, atol=5e-4)
+    assert np.all(np.abs(recomputed[:, None] - listed[None]).argmin(axis=1) == np.arange(8))
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

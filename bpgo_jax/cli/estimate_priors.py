@@ -33,6 +33,7 @@ _FIRST = flags.DEFINE_bool(
 )
 _CACHE = runtime.define_compile_cache_flag()
 _CPU_DEVICES = runtime.define_cpu_devices_flag()
+_DISTRIBUTED = runtime.define_distributed_flags()
 flags.adopt_module_key_flags(runtime)  # list them in --help
 flags.mark_flags_as_required(["config", "output"])
 
@@ -42,6 +43,7 @@ def main(argv):
     runtime.set_cpu_devices(_CPU_DEVICES.value)
     runtime.quiet_absl()
     runtime.enable_compile_cache(_CACHE.value)
+    _DISTRIBUTED.initialize()
     import jax
     import numpy as np
 

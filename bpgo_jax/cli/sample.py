@@ -36,6 +36,7 @@ _EMA = flags.DEFINE_bool("use_ema", True, "Use EMA weights when the run kept the
 _FPS = flags.DEFINE_float("fps", 16.0, "Frame rate of written videos (video models).")
 _CACHE = runtime.define_compile_cache_flag()
 _CPU_DEVICES = runtime.define_cpu_devices_flag()
+_DISTRIBUTED = runtime.define_distributed_flags()
 flags.adopt_module_key_flags(runtime)  # list them in --help
 flags.mark_flags_as_required(["config", "outdir"])
 
@@ -45,6 +46,7 @@ def main(argv):
     runtime.set_cpu_devices(_CPU_DEVICES.value)
     runtime.quiet_absl()
     runtime.enable_compile_cache(_CACHE.value)
+    _DISTRIBUTED.initialize()
     import jax
     import numpy as np
 
@@ -52,7 +54,8 @@ def main(argv):
     from bpgo_jax.errors import UserError
     from bpgo_jax.logs import save_sample
     from bpgo_jax.parallel.host import to_host
-    from bpgo_jax.prompts import PromptSet, load_prompts
+    from bpgo_jax.prompts import PromptSet, load_prompts, sample_prompts
+    from bpgo_jax.rollout.step import all_hosts_images
 
     if not _WORKDIR.value and not _BASE.value:
         raise UserError("give --workdir (a training run) or --base_weights")
@@ -72,15 +75,19 @@ def main(argv):
     run = policy.run
     count = -(-n * k // bs) * bs // k
     key = jax.device_put(jax.random.key_data(jax.random.key(_SEED.value)), run.replicated)
+    ids = np.arange(count) % n
     rollout = run.generate(
-        np.arange(count) % n,
+        ids,
         prompts,
         per_prompt=k,
         trainable=policy.trainable,
         epoch_key=key,
         desc="sampling",
     )
-    scores = to_host(rollout.scores)  # a collective: every process, before process 0 writes
+    # Collectives: every process gathers, then process 0 writes every host's samples.
+    scores = to_host(rollout.scores)
+    images = all_hosts_images(rollout.images, run.batch_sharding, bs)
+    texts = [prompts.prompts[i] for i in sample_prompts(ids, k, np.arange(len(ids) * k))]
     if jax.process_index() != 0:
         return
     out = Path(_OUTDIR.value)
@@ -88,18 +95,18 @@ def main(argv):
     finite = lambda x: float(x) if math.isfinite(x) else None
     index = []
     for i in range(n * k):
-        files = save_sample(out, f"{i:05d}", rollout.images[i], _FPS.value)
+        files = save_sample(out, f"{i:05d}", images[i], _FPS.value)
         index.append(
             {
                 **files,
-                "prompt": rollout.prompts[i],
+                "prompt": texts[i],
                 "sample": i % k,
                 "rewards": {r: finite(v[i]) for r, v in scores.items()},
             }
         )
     text = json.dumps({"epoch": policy.epoch, "images": index}, indent=1, allow_nan=False)
     (out / "index.json").write_text(text)
-    kind = "videos" if np.ndim(rollout.images) == 5 else "images"
+    kind = "videos" if np.ndim(images) == 5 else "images"
     print(f"wrote {n * k} {kind} to {out}")
 
 

@@ -129,6 +129,18 @@ def to_local(arr: jax.Array, batch_sharding: NamedSharding) -> np.ndarray:
     return np.asarray(local)
 
 
+def all_hosts_images(images: np.ndarray, batch_sharding: NamedSharding, batch_size: int):
+    """`generate`'s `images` (this host's rows of each `batch_size` call) -> every host's
+    samples, in the order of the global arrays. A collective: every process calls it."""
+    if jax.process_count() == 1:
+        return images
+    from bpgo_jax.parallel.host import to_host
+
+    per_call = len(local_rows(batch_sharding, batch_size))
+    calls = [images[i : i + per_call] for i in range(0, len(images), per_call)]
+    return np.concatenate([to_host(to_global(c, batch_sharding)) for c in calls])
+
+
 def local_rows(batch_sharding: NamedSharding, num_rows: int) -> np.ndarray:
     """The global rows of a `[num_rows]` batch-sharded array that this host's devices
     hold, ascending (the order of `to_global`'s and `to_local`'s host arrays).
