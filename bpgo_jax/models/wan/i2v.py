@@ -8,7 +8,7 @@ WanImageToVideoPipeline's sampling as pure functions.
 The conditioning frame of each prompt comes from its prompt-file `image`
 (`prompts.images.condition_images`: a uint8 table `[N, H, W, 3]` kept in
 frozen["condition_images"], and `{prompt: row}`; FLF2V's last frame from its
-`metadata["last_image"]`, in frozen["last_images"]); `tokenize` appends the
+`last_image`, in frozen["last_images"]); `tokenize` appends the
 prompt's rows to its UMT5 tokens, so `encode_text` (run once per rollout row,
 inside the rollout program) returns the whole conditioning and the update
 recomputes exactly the network inputs of the rollout:
@@ -477,7 +477,7 @@ def _check_last(
         if missing:
             raise ConfigError(
                 f"prompt {missing[0]!r} has no last_image: this first-last-frame (FLF2V) model "
-                'needs "last_image" in the metadata of every prompt'
+                'needs a "last_image" on every prompt'
             )
     if not last_rows:
         return last_rows
