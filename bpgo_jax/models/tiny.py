@@ -8,6 +8,7 @@ Stable Diffusion. Images are their own latents: `decode` maps [-1, 1] to [0, 1].
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -168,6 +169,28 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         )
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_init(text: TextEncoder, unet: TinyUNet, latent_shape: tuple[int, ...]):
+    """`rng -> ({"unet"}, {"text"})` full parameters, jitted (run op by op, the init
+    compiles ~300 tiny programs, ~15 s on CPU) once per architecture (the modules
+    compare by their fields): another build of the same model in the process, a
+    resumed or repeated run's, reuses the compiled program."""
+
+    def init(rng):
+        k_text, k_unet = jax.random.split(rng)
+        tokens = jnp.zeros((1, text.max_length), jnp.int32).at[:, 0].set(1)
+        text_params = text.init(k_text, tokens)["params"]
+        hidden = text.apply({"params": text_params}, tokens)
+        unet_params = unet.init(
+            k_unet, jnp.zeros((1, *latent_shape)), jnp.zeros((1,)), hidden, tokens != 0
+        )["params"]
+        # The text encoder trains with the UNet during pre-training; during RL
+        # post-training it is frozen like a real model's CLIP.
+        return {"unet": unet_params}, {"text": text_params}
+
+    return jax.jit(init)
+
+
 def tiny_model(cfg: ml_collections.ConfigDict) -> DiffusionModel:
     """Builds the built-in model from `config.model` (see configs/image.py).
 
@@ -203,18 +226,6 @@ def tiny_model(cfg: ml_collections.ConfigDict) -> DiffusionModel:
         del frozen
         return jnp.clip((latents.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
 
-    def init(rng):
-        k_text, k_unet = jax.random.split(rng)
-        tokens = jnp.zeros((1, cfg.max_length), jnp.int32).at[:, 0].set(1)
-        text_params = text.init(k_text, tokens)["params"]
-        hidden = text.apply({"params": text_params}, tokens)
-        unet_params = unet.init(
-            k_unet, jnp.zeros((1, *latent_shape)), jnp.zeros((1,)), hidden, tokens != 0
-        )["params"]
-        # The text encoder trains with the UNet during pre-training; during RL
-        # post-training it is frozen like a real model's CLIP.
-        return {"unet": unet_params}, {"text": text_params}
-
     return DiffusionModel(
         name="tiny_unet",
         latent_shape=latent_shape,
@@ -223,7 +234,6 @@ def tiny_model(cfg: ml_collections.ConfigDict) -> DiffusionModel:
         encode_text=encode_text,
         predict=predict,
         decode=decode,
-        # Jitted: run op by op, the init compiles ~300 tiny programs (~15 s on CPU).
-        init=jax.jit(init),
+        init=_jitted_init(text, unet, latent_shape),
         scheduler_config=cfg.get("scheduler", None) and dict(cfg.scheduler),
     )
