@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from bpgo_jax.parallel.batching import map_in_chunks
+from bpgo_jax.parallel.host import to_host
 from bpgo_jax.parallel.mesh import on_mesh
 from bpgo_jax.prompts import PromptSet, sample_prompts
 from bpgo_jax.rewards import RewardSet
@@ -129,13 +130,13 @@ def to_local(arr: jax.Array, batch_sharding: NamedSharding) -> np.ndarray:
     return np.asarray(local)
 
 
-def all_hosts_images(images: np.ndarray, batch_sharding: NamedSharding, batch_size: int):
+def all_hosts_images(
+    images: np.ndarray, batch_sharding: NamedSharding, batch_size: int
+) -> np.ndarray:
     """`generate`'s `images` (this host's rows of each `batch_size` call) -> every host's
     samples, in the order of the global arrays. A collective: every process calls it."""
     if jax.process_count() == 1:
         return images
-    from bpgo_jax.parallel.host import to_host
-
     per_call = len(local_rows(batch_sharding, batch_size))
     calls = [images[i : i + per_call] for i in range(0, len(images), per_call)]
     return np.concatenate([to_host(to_global(c, batch_sharding)) for c in calls])
