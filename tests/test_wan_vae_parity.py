@@ -25,6 +25,8 @@ from flax import traverse_util
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from wan_folders import VAE22  # noqa: E402
+
 from bpgo_jax.errors import ConfigError, WeightsError  # noqa: E402
 from bpgo_jax.models import weights  # noqa: E402
 from bpgo_jax.models.wan import vae as wan_vae  # noqa: E402
@@ -41,19 +43,9 @@ TOL = 1e-4  # relative to the largest reference magnitude (at least 1)
 # The real layouts' level structure (3 downsamplings, time at the last two) at tiny widths;
 # Wan2.1's keeps diffusers' 16 default latent statistics (the real Wan2.1 ones).
 WAN21 = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
-WAN22 = dict(
-    base_dim=8,
-    decoder_base_dim=12,
-    z_dim=8,
-    dim_mult=[1, 2, 2, 2],
-    num_res_blocks=1,
-    is_residual=True,
-    in_channels=12,
-    out_channels=12,
-    patch_size=2,
-    latents_mean=[0.3, -0.2, 0.1, 0.0, -0.5, 0.25, 0.05, -0.1],
-    latents_std=[1.5, 0.7, 2.0, 1.0, 1.2, 0.9, 2.5, 1.1],
-)
+# Wan2.2's: the shared tiny folders' VAE (tests/wan_folders.py), without the pipeline's
+# spatial factor.
+WAN22 = {k: v for k, v in VAE22.items() if k != "scale_factor_spatial"}
 
 pytestmark = pytest.mark.xdist_group("test_wan_vae_parity")
 
