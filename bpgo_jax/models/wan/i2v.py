@@ -124,6 +124,12 @@ def check_i2v(m: WanI2VModules) -> None:
     """The experts read `[latents, mask, image latents]` (TI2V: the latents, whose first frame
     is the image's) and write latents (else ValueError)."""
     z, mask = m.vae.cfg.z_dim, m.vae.cfg.temporal_factor
+    width = m.text.modules["t5"].cfg.d_model
+    for name, module in m.experts:
+        if width != module.cfg.text_dim:
+            raise ValueError(
+                f"UMT5 width {width} does not match {name}'s text_dim {module.cfg.text_dim}"
+            )
     if m.expand_timesteps:
         t = m.experts[0][1].cfg
         if len(m.experts) != 1 or m.image_encoder is not None or t.has_image_branch:
@@ -133,9 +139,6 @@ def check_i2v(m: WanI2VModules) -> None:
                 f"transformer in/out_channels={t.in_channels}/{t.out_channels}; TI2V with vae "
                 f"z_dim={z} needs {z}/{z} (the latents, the first frame blended in)"
             )
-        width = m.text.modules["t5"].cfg.d_model
-        if width != t.text_dim:
-            raise ValueError(f"UMT5 width {width} does not match text_dim {t.text_dim}")
         return
     if len(m.experts) == 2 and m.boundary_ratio is None:
         raise ValueError("two experts need a boundary_ratio (model_index.json) to switch at")
@@ -159,9 +162,6 @@ def check_i2v(m: WanI2VModules) -> None:
                 f"image_encoder width {m.image_encoder.cfg.hidden_size} does not match "
                 f"{name}'s image_dim {t.image_dim}"
             )
-        width = m.text.modules["t5"].cfg.d_model
-        if width != t.text_dim:
-            raise ValueError(f"UMT5 width {width} does not match {name}'s text_dim {t.text_dim}")
 
 
 def condition_mask(num_frames: int, temporal: int, last: jax.Array | None = None) -> jax.Array:
