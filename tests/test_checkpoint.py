@@ -34,6 +34,7 @@ from bpgo_jax.checkpoint import (
     lock_workdir,
     prepare_workdir,
 )
+from bpgo_jax.checkpoint.checkpointer import _one_line
 from bpgo_jax.configs.common import base_config
 from bpgo_jax.errors import WorkdirError
 
@@ -165,6 +166,23 @@ def test_a_failed_save_is_one_line_at_that_save_and_keeps_the_older(tmp_path, us
     assert (tmp_path / "1").is_dir()
     step, state, _ = Checkpointer(tmp_path, keep=1).restore_latest(make_state(0.0))
     assert step == 1 and float(state.params["w"][0]) == 1.0
+
+
+def test_a_save_error_keeps_the_os_reason_and_drops_the_tensorstore_spec():
+    """TensorStore writes the OS's reason mid-message, then a JSON spec longer
+    than the line limit; a long workdir path must not push the reason out."""
+    path = "/w/" + "deep/" * 80 + "2.orbax-checkpoint-tmp"
+    spec = "{" + ",".join(f'\\"k{i}\\":{{}}' for i in range(200)) + "}"
+    err = ValueError(
+        f'OUT_OF_RANGE: Error writing "step/.zarray" at local file "{path}": Failed to '
+        f"write 2649884 bytes to file 14: File too large [os_error_code='27'] "
+        f"[tensorstore_spec='{spec}']"
+    )
+    line = _one_line(err)
+    assert "File too large" in line and "tensorstore_spec" not in line and "\n" not in line
+    assert len(line) < 450
+    spec_only = ValueError(f"x [os_error_code='28'] [tensorstore_spec='{spec}'] " + "y" * 900)
+    assert os.strerror(28) in _one_line(spec_only)
 
 
 # ----------------------------------------------------------------- workdir

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -21,16 +22,22 @@ from bpgo_jax.runtime import all_processes, any_process
 log = logging.getLogger("bpgo_jax")
 
 DAMAGED_SUFFIX = ".damaged"
+_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec='.*?'\]")
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
 
 
 def _one_line(err: BaseException, limit: int = 400) -> str:
-    """The error as one line; a long one keeps its head and its tail, where
-    TensorStore puts the OS's reason ("No space left on device")."""
+    """The error as one line of at most ~`limit` characters that keeps the OS's
+    reason ("No space left on device"): TensorStore appends a long JSON spec
+    after it, which is dropped, and a still-long text keeps its head and tail."""
     text = " ".join(str(err).split()) or type(err).__name__
-    if len(text) <= limit:
-        return text
-    half = (limit - 5) // 2
-    return f"{text[:half]} ... {text[-half:]}"
+    text = _TENSORSTORE_SPEC.sub("", text)
+    if len(text) > limit:
+        half = (limit - 5) // 2
+        text = f"{text[:half]} ... {text[-half:]}"
+    codes = {int(code) for code in _OS_ERROR_CODE.findall(str(err))}
+    reasons = [os.strerror(code) for code in sorted(codes) if os.strerror(code) not in text]
+    return "; ".join([text, *reasons])
 
 
 def _abstract(like: Any) -> Any:
