@@ -185,7 +185,6 @@ def test_ddim_with_guidance_is_on_policy(tmp_path):
             "train.num_epochs": 1,
             "train.kl_beta": 0.01,
             "train.ema_decay": 0.9,
-            "train.accumulate": "scan",
             "mesh.shape": (2, 2),
             "mesh.num_devices": 4,
             "eval.rewards": {"saturation": {"weight": 1.0, "log_as": "eval_sat"}},

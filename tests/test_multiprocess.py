@@ -192,7 +192,10 @@ def test_two_processes_match_one_and_resume_after_sigterm(tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1]  # process 1 wrote no rows
     assert sorted(rows[0]) == sorted(expected[0])
     for got, want in zip(rows, expected, strict=True):
-        assert got["onpolicy_ratio_max_dev"] == 0.0
+        # Within one float32 step of 1: at the tests' XLA:CPU optimisation level 0
+        # (tests/conftest.py), 4 devices on an AVX2-only CPU round one ratio to
+        # 1 - 2**-24; the default level users run is exact there.
+        assert got["onpolicy_ratio_max_dev"] <= np.finfo(np.float32).eps
         for key, value in want.items():
             # Gloo's cross-process sums may add in another order than one process.
             np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5, err_msg=key)

@@ -98,7 +98,9 @@ def _records(workdir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_lora_run_trains_checkpoints_and_resumes(folders, tmp_path):
+def test_lora_run_trains_on_policy_and_checkpoints(folders, tmp_path):
+    """A launcher run of the SD pipeline; resuming is the launcher's own
+    (tests/test_commands.py), whatever the model."""
     workdir = tmp_path / "run"
     proc = _launch(folders, workdir)
     assert "mesh {'data': 1, 'fsdp': 2} over 2 cpu device(s)" in proc.stderr
@@ -109,20 +111,10 @@ def test_lora_run_trains_checkpoints_and_resumes(folders, tmp_path):
         assert np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0  # LoRA B gets gradients
         assert r["skipped_updates"] == 0
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
-
-    proc = _launch(folders, workdir, "--config.train.num_epochs=3")
-    assert "resumed from" in proc.stderr and "at epoch 2" in proc.stderr
-    records = _records(workdir)
-    assert [r["epoch"] for r in records] == [0, 1, 2]
-    assert records[:2] == first  # resuming appends, it does not rewrite history
-    assert records[2]["samples_seen"] == 3 * 4
-    assert np.isfinite(records[2]["loss"])
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "3"]  # keep=2
-
     # One update per epoch (train.batch_size = samples per epoch), so each
     # epoch's update is on-policy: the update must recompute the rollout's
-    # log-probs bit for bit (ratio exactly 1), before and after resuming.
-    assert [r["onpolicy_ratio_max_dev"] for r in records] == [0.0, 0.0, 0.0]
+    # log-probs bit for bit (ratio exactly 1).
+    assert [r["onpolicy_ratio_max_dev"] for r in first] == [0.0, 0.0]
 
 
 # ------------------------------------------------------------------ configs

@@ -265,7 +265,7 @@ def _rows(workdir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_tiny_run_trains_on_policy_and_resumes_as_uninterrupted(folder, tmp_path):
+def test_tiny_run_trains_on_policy_and_sharded_equals_one_device(folder, tmp_path):
     path, _ = folder
     workdir = tmp_path / "launch"
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path / "xla")
@@ -291,20 +291,15 @@ def test_tiny_run_trains_on_policy_and_resumes_as_uninterrupted(folder, tmp_path
         assert 0 < r["prior_mean"] < 1  # the reference policy's mean frame saturation
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
 
-    def config(epochs: int):  # on one device: sharded = unsharded, with resume = uninterrupted
-        c = wan_tiny_test.get_config()
-        c.model.init = str(path)
-        c.train.num_epochs = epochs
-        c.mesh.update(shape=(1, 1), num_devices=1)
-        return c
-
-    resumed = tmp_path / "resumed"
-    part = train(config(1), resumed).records
-    rest = train(config(2), resumed).records
-    got = part + rest
+    # The same run on one device (resume = uninterrupted is the engine's, tests/test_engine.py).
+    c = wan_tiny_test.get_config()
+    c.model.init = str(path)
+    c.mesh.update(shape=(1, 1), num_devices=1)
+    got = train(c, tmp_path / "one_device").records
     assert [r["epoch"] for r in got] == [0, 1]
     for a, b in zip(got, launched, strict=True):
         assert set(a) == set(b)
         for key in sorted(set(a) - _TIMES):
-            atol = 1e-5 if key == "loss" else 1e-6
+            # The loss is ~0, a mean of +-O(1) terms: compare it on their scale.
+            atol = 1e-4 if key == "loss" else 1e-6
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=atol, err_msg=key)
