@@ -30,14 +30,13 @@ def _one_line(err: BaseException, limit: int = 400) -> str:
     """The error as one line of at most ~`limit` characters that keeps the OS's
     reason ("No space left on device"): TensorStore appends a long JSON spec
     after it, which is dropped, and a still-long text keeps its head and tail."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    text = _TENSORSTORE_SPEC.sub("", text)
+    raw = str(err)
+    text = _TENSORSTORE_SPEC.sub("", " ".join(raw.split())) or type(err).__name__
     if len(text) > limit:
         half = (limit - 5) // 2
         text = f"{text[:half]} ... {text[-half:]}"
-    codes = {int(code) for code in _OS_ERROR_CODE.findall(str(err))}
-    reasons = [os.strerror(code) for code in sorted(codes) if os.strerror(code) not in text]
-    return "; ".join([text, *reasons])
+    reasons = {os.strerror(int(code)) for code in _OS_ERROR_CODE.findall(raw)}
+    return "; ".join([text, *sorted(r for r in reasons if r not in text)])
 
 
 def _abstract(like: Any) -> Any:
