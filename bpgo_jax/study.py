@@ -203,8 +203,10 @@ def eval_metrics(run: ml_collections.ConfigDict) -> set[str]:
 
 # --------------------------------------------------------- finished results
 def run_record(config: ml_collections.ConfigDict) -> dict:
-    """What a finished run's result must match to count for `config`."""
-    return config_record(config)
+    """What a finished run's result must match to count for `config`: its
+    config with the package's own files named relative to the package, so
+    finished runs stay current in another checkout (or on another machine)."""
+    return portable(config_record(config))
 
 
 def load_results(outdir: Path) -> dict[str, dict]:

@@ -233,6 +233,30 @@ def test_finished_results_of_another_config_are_not_reused(tmp_path):
     assert list(study.current_results(c, tmp_path / "out", allow_change=True)) == [spec.key]
 
 
+def test_finished_results_of_another_checkout_are_reused(tmp_path, monkeypatch):
+    """A run recorded where the package sat elsewhere (another clone or machine, an
+    outdir copied over) is the same run: the package's files are named relative to it."""
+    from bpgo_jax.configs import study as study_config
+
+    c = study_config.get_config()
+    spec = study.tune_runs(c.study)[0]
+    here = str(study._PACKAGE_ROOT)
+    elsewhere = json.loads(
+        json.dumps(study.run_config(c, spec).to_dict(), default=str).replace(
+            here, "/elsewhere/clone"
+        )
+    )
+    monkeypatch.setattr(study, "_PACKAGE_ROOT", Path("/elsewhere/clone"))
+    record = study.run_record(ml_collections.ConfigDict(elsewhere))
+    monkeypatch.undo()
+    assert record["prompts"]["path"] == "bpgo_jax/world/assets/prompts_train.jsonl"
+    workdir = tmp_path / "out" / spec.key
+    workdir.mkdir(parents=True)
+    result = _result(spec, _records(0.5, 0.5)) | {"config": record}
+    (workdir / study.RESULT_FILE).write_text(json.dumps(result))
+    assert list(study.current_results(c, tmp_path / "out")) == [spec.key]
+
+
 def _tiny_study(tmp_path, workers: int, seeds=(0,)) -> ml_collections.ConfigDict:
     base = tiny_config(
         tmp_path,

@@ -1,7 +1,8 @@
 """Runs the method study of `config.study`: tuning on the dev sets, then seeds on the test sets.
 
-    python launch/study.py --config=configs/study.py --outdir=runs/study --dry_run
-    python launch/study.py --config=configs/study.py --outdir=runs/study
+    python launch/study.py --config=configs/study.py \
+        --outdir=docs/study_powered/shipped_reward --dry_run
+    python launch/study.py --config=configs/study.py --outdir=docs/study_powered/shipped_reward
 
 Each run lives in OUTDIR/PHASE/METHOD/POINT/seed_N and is finished once its
 result.json is written; re-running the command skips finished runs and

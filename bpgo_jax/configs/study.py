@@ -1,7 +1,8 @@
 """GRPO against BPGO (paper and released forms) and their RAS-only / CRT-only parts.
 
-    python launch/study.py --config=configs/study.py --outdir=runs/study --dry_run  # plan
-    python launch/study.py --config=configs/study.py --outdir=runs/study
+    python launch/study.py --config=configs/study.py \
+        --outdir=docs/study_powered/shipped_reward --dry_run
+    python launch/study.py --config=configs/study.py --outdir=docs/study_powered/shipped_reward
 
 The design, the power analysis and the time estimate are in docs/study_plan.md,
 written before the study ran. Every method runs configs/image.py's budget (30

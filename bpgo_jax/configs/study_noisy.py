@@ -2,7 +2,7 @@
 
     python launch/train_reward_model.py --config=configs/reward_model_weak.py \
         --workdir=workdirs/reward_model_weak
-    python launch/study.py --config=configs/study_noisy.py --outdir=runs/study_noisy
+    python launch/study.py --config=configs/study_noisy.py --outdir=docs/study_powered/noisy_reward
 
 BPGO's claim is about unreliable rewards; this condition makes the reward
 less reliable and changes nothing else: the same methods, grid, seeds,
