@@ -2,4 +2,5 @@
 
 from bpgo_jax.cli.compile import run
 
-run()
+if __name__ == "__main__":  # not when a worker process imports this file
+    run()

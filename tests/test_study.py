@@ -257,6 +257,20 @@ def test_finished_results_of_another_checkout_are_reused(tmp_path, monkeypatch):
     assert list(study.current_results(c, tmp_path / "out")) == [spec.key]
 
 
+def _tiny_study_file(tmp_path: Path) -> Path:
+    """A config file of `_tiny_study(tmp_path, workers=2)`, for the command."""
+    path = tmp_path / "tiny_study.py"
+    path.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from pathlib import Path\n"
+        "from test_study import _tiny_study\n\n\n"
+        "def get_config():\n"
+        f"    return _tiny_study(Path({str(tmp_path)!r}), workers=2)\n"
+    )
+    return path
+
+
 def _tiny_study(tmp_path, workers: int, seeds=(0,)) -> ml_collections.ConfigDict:
     base = tiny_config(
         tmp_path,
@@ -305,7 +319,16 @@ def test_interrupted_study_resumes_and_matches_an_uninterrupted_one(tmp_path):
     resumed = study.run_study(cfg, out)
     assert (out / order[0].key / study.RESULT_FILE).read_text() == first  # skipped
     assert resumed["missing"] == []
-    whole = study.run_study(_tiny_study(tmp_path, workers=2), tmp_path / "whole")
+    # The uninterrupted study as a user runs it: the command, with two worker processes
+    # (each imports launch/study.py again as its main module).
+    done = run_launch(
+        "study.py",
+        f"--config={_tiny_study_file(tmp_path)}",
+        f"--outdir={tmp_path / 'whole'}",
+        "--compile_cache=",  # the tests' cache, from the environment
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    whole = study.run_study(_tiny_study(tmp_path, workers=2), tmp_path / "whole", max_runs=0)
     assert resumed == whole
     assert (out / "study.md").read_text() == (tmp_path / "whole" / "study.md").read_text()
     assert whole["methods"]["grpo"]["curves"]["sat"]["samples"] == [0, 16, 32]
