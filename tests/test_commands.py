@@ -14,25 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from commands import last_line, run_launch
+from commands import config_file, last_line, run_launch
 
 from bpgo_jax.prompts import load_prompts
-
-TESTS = Path(__file__).resolve().parent
 
 
 def _config_file(tmp_path: Path, **overrides) -> Path:
     """A config file with `tiny_config(tmp_path, **overrides)` for the commands."""
-    path = tmp_path / "tiny.py"
-    path.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(TESTS)!r})\n"
-        "from pathlib import Path\n"
-        "from tiny_config import tiny_config\n\n\n"
-        "def get_config():\n"
-        f"    return tiny_config(Path({str(tmp_path)!r}), **{overrides!r})\n"
+    return config_file(
+        tmp_path / "tiny.py",
+        "from tiny_config import tiny_config",
+        f"tiny_config(Path({str(tmp_path)!r}), **{overrides!r})",
     )
-    return path
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import pytest
-from commands import run_launch
+from commands import config_file, run_launch
 from scipy import stats
 from tiny_config import tiny_config
 
@@ -259,16 +259,11 @@ def test_finished_results_of_another_checkout_are_reused(tmp_path, monkeypatch):
 
 def _tiny_study_file(tmp_path: Path) -> Path:
     """A config file of `_tiny_study(tmp_path, workers=2)`, for the command."""
-    path = tmp_path / "tiny_study.py"
-    path.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from pathlib import Path\n"
-        "from test_study import _tiny_study\n\n\n"
-        "def get_config():\n"
-        f"    return _tiny_study(Path({str(tmp_path)!r}), workers=2)\n"
+    return config_file(
+        tmp_path / "tiny_study.py",
+        "from test_study import _tiny_study",
+        f"_tiny_study(Path({str(tmp_path)!r}), workers=2)",
     )
-    return path
 
 
 def _tiny_study(tmp_path, workers: int, seeds=(0,)) -> ml_collections.ConfigDict:
