@@ -4,8 +4,9 @@
         --config.model.init=/path/to/tiny-flux-folder
 
 Used by tests/test_dit_train.py on a tiny random FluxPipeline folder
-(tests/flux_folders.py) to run the launcher end to end on a data x fsdp mesh
-(load, sample, score, update, checkpoint, resume) in seconds. Everything
+(tests/flux_folders.py) to train end to end on a data x fsdp mesh (load,
+sample, score, update, checkpoint) in seconds; also a smoke test of a FLUX
+folder through the launcher before a long run. Everything
 except sizes, float32 and the reward (the file-free `saturation`, so no
 reward model is loaded) is flux_hps's.
 """
