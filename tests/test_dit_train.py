@@ -18,8 +18,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -32,6 +30,7 @@ pytest.importorskip("transformers")
 
 import flux_folders  # noqa: E402  (tests/ folder)
 import sd3_folders  # noqa: E402
+from commands import launch_tiny_run  # noqa: E402
 
 from bpgo_jax.config import check_inputs, validate  # noqa: E402
 from bpgo_jax.configs import (  # noqa: E402
@@ -51,7 +50,6 @@ from bpgo_jax.train import train  # noqa: E402
 # The module fixtures (folders, launcher runs) build once: keep the file on one worker.
 pytestmark = pytest.mark.xdist_group("test_dit_train")
 
-ROOT = Path(__file__).resolve().parents[1]
 TWINS = {"flux": "flux_tiny_test", "sd3": "sd35_tiny_test"}
 CONFIGS = {
     "flux_hps": flux_hps,
@@ -104,19 +102,7 @@ def _assert_same_records(got: list[dict], want: list[dict]) -> None:
 def test_launcher_trains_sd3_lora_on_policy_on_a_2x4_mesh(folders):
     workdir = Path(folders["root"]) / "launch_sd3"
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or f"{folders['root']}/xla"
-    cmd = [
-        sys.executable,
-        "launch/train.py",
-        f"--config=configs/{TWINS['sd3']}.py",
-        f"--workdir={workdir}",
-        f"--config.model.init={folders['sd3']}",
-        f"--compile_cache={cache}",
-        "--cpu_devices=8",
-    ]
-    # A pinned hash seed keeps the traced program (and its cache key) the same.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONHASHSEED="0")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = launch_tiny_run(TWINS["sd3"], workdir, folders["sd3"], cache)
     assert "mesh {'data': 2, 'fsdp': 4} over 8 cpu device(s)" in proc.stderr
     records = _rows(workdir)
     assert [r["epoch"] for r in records] == [0, 1]

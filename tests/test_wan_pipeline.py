@@ -18,8 +18,6 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -33,6 +31,7 @@ transformers = pytest.importorskip("transformers")
 
 import text_folders  # noqa: E402  (tests/ folder)
 import wan_folders  # noqa: E402
+from commands import launch_tiny_run  # noqa: E402
 from flux_folders import jiggle  # noqa: E402
 
 from bpgo_jax.config import validate  # noqa: E402
@@ -47,7 +46,6 @@ from bpgo_jax.train import train  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("test_wan_pipeline")
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # relative to the largest reference magnitude (at least 1)
 FLOW_SHIFT = 3.0
 TEXT_LEN = 16
@@ -269,18 +267,7 @@ def test_tiny_run_trains_on_policy_and_sharded_equals_one_device(folder, tmp_pat
     path, _ = folder
     workdir = tmp_path / "launch"
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path / "xla")
-    cmd = [
-        sys.executable,
-        "launch/train.py",
-        "--config=configs/wan_tiny_test.py",
-        f"--workdir={workdir}",
-        f"--config.model.init={path}",
-        f"--compile_cache={cache}",
-        "--cpu_devices=8",
-    ]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONHASHSEED="0")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = launch_tiny_run("wan_tiny_test", workdir, str(path), cache)
     assert "mesh {'data': 2, 'fsdp': 4} over 8 cpu device(s)" in proc.stderr
     launched = _rows(workdir)
     assert [r["epoch"] for r in launched] == [0, 1]
