@@ -7,6 +7,8 @@ import json
 import resource
 import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -121,6 +123,25 @@ def test_tensorboard_gets_the_scalars_against_samples_seen_and_the_grid(tmp_path
     step, image = values["rollout/images"]
     assert step == 32 and image.image.height == captioned_grid(*_images()).shape[0]
     assert (tmp_path / "rollout_images_latest.png").is_file()
+
+
+def test_tensorboard_writer_leaves_torch_unimported(tmp_path):
+    """tensorboardX imports PyTorch where it is installed (seconds of every run's
+    start-up) unless kept out; the writer still writes its event file."""
+    pytest.importorskip("torch")
+    code = (
+        "import sys\n"
+        "from bpgo_jax.logs.tensorboard import TensorBoardWriter\n"
+        f"w = TensorBoardWriter({str(tmp_path)!r})\n"
+        "w.write_scalars(1, {'reward_mean': 0.5})\n"
+        "assert 'torch' not in sys.modules\n"
+        "import torch\n"  # importable afterwards as ever
+        "print(torch.__name__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "torch", proc.stderr[-2000:]
+    (events,) = tmp_path.iterdir()
+    assert len(_tfrecords(events)) == 2  # the file version, then the scalar
 
 
 def _wandb_records(path: Path) -> list[bytes]:

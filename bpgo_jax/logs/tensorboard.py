@@ -11,11 +11,16 @@ tensorboardX's own `gs://` writer is not used: it needs google-cloud-storage
 credentials of its own, and uploads again, outside the run, whenever its
 writer object is garbage-collected. Each run (and each resume) writes its own
 `events.out.tfevents.*` file, so uploads never overwrite another run's.
+
+Where PyTorch is installed, importing tensorboardX imports it too (2.7 s of
+start-up, docs/performance.md), only so that its writer accepts torch
+tensors; this writer passes numpy arrays, so torch is kept out of that import.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,12 +34,25 @@ from bpgo_jax.logs.video import encode_gif
 from bpgo_jax.logs.writer import INDEX_KEYS
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's `SummaryWriter`, imported without importing PyTorch."""
+    if "torch" in sys.modules:  # already paid for
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoardWriter:
     """WORKDIR/tensorboard: every numeric field except the row's index fields."""
 
     def __init__(self, logdir: str | os.PathLike):
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         self._remote = workdir_path(logdir) if is_remote(logdir) else None
         self._local: tempfile.TemporaryDirectory | None = None
         self._uploaded: dict[str, int] = {}  # event file -> size when last uploaded
