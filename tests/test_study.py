@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -364,6 +365,16 @@ def test_noisy_condition_reads_the_weak_reward_model(tmp_path):
     assert c.rewards.world_clip.path.endswith("weak/reward_model.msgpack")
     with pytest.raises(ConfigError, match="rewards.world_clip.path"):
         study.check_study(c)  # no weights there yet: refused before any run
+    # By default, the shipped weak model: WorldCLIP's architecture, other weights.
+    from bpgo_jax.world import reward_model
+
+    c = study_noisy.get_config()
+    study.check_study(c)
+    weak, weak_cfg = reward_model.load(c.rewards.world_clip.path)
+    shipped, shipped_cfg = reward_model.load()
+    assert weak_cfg == shipped_cfg
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), weak, shipped)
+    assert not all(jax.tree.leaves(same))
 
 
 def test_dry_run_lists_the_runs_and_the_time(tmp_path):
