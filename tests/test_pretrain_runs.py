@@ -204,6 +204,12 @@ def test_launchers_list_their_shared_flags_in_help(script):
     assert "--cpu_devices" in out.stdout and "--compile_cache" in out.stdout, out.stdout[-1500:]
 
 
+@pytest.mark.parametrize("script", ["evaluate_generator.py", "train_reward_model.py"])
+def test_world_model_commands_take_the_compile_cache_flag(script):
+    out = run_launch(script, "--help")
+    assert "--compile_cache" in out.stdout, out.stdout[-1500:]
+
+
 def small_pretrain_config(**overrides) -> ml_collections.ConfigDict:
     """configs/pretrain.py on a tiny 32x32 model: 4 steps, evaluations at 2 and 4."""
     c = pretrain_config()

@@ -41,11 +41,14 @@ _GROUP = flags.DEFINE_integer("group_size", 1, "Samples per prompt (> 1: reward 
 _PROMPTS = flags.DEFINE_string("prompts_file", None, "World prompts (.jsonl); default eval's.")
 _REWARD = flags.DEFINE_string("reward_model", "", "Reward model weights; '' = the shipped one.")
 _GRID = flags.DEFINE_string("grid", None, "Optional PNG path for a grid of the first samples.")
+_CACHE = runtime.define_compile_cache_flag()
+flags.adopt_module_key_flags(runtime)  # list it in --help
 flags.mark_flags_as_required(["config", "weights"])
 
 
 def main(argv: list[str]) -> None:
     del argv
+    runtime.enable_compile_cache(_CACHE.value)
     import jax
     import numpy as np
 

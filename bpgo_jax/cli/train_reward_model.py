@@ -216,12 +216,15 @@ def define_flags() -> None:
         False,
         "Resume a workdir whose config.json differs in fields that change results.",
     )
+    runtime.define_compile_cache_flag()
+    flags.adopt_module_key_flags(runtime)  # list it in --help
     flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
     del argv
     runtime.quiet_absl()
+    runtime.enable_compile_cache(flags.FLAGS.compile_cache)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = flags.FLAGS
     last = train(
