@@ -17,6 +17,8 @@ import text_folders
 import torch
 import transformers
 
+from bpgo_jax.testing.sd_folders import jiggle
+
 TRANSFORMER = dict(
     in_channels=64,
     num_layers=2,
@@ -49,15 +51,6 @@ SCHEDULER = dict(
     base_image_seq_len=256,
     max_image_seq_len=4096,
 )
-
-
-def jiggle(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random non-zero offsets on every weight (norm scales included), in eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return module.eval()
 
 
 def transformer(guidance_embeds: bool, seed: int) -> diffusers.FluxTransformer2DModel:

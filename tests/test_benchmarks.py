@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bpgo_jax.parallel.aot import matmul_flops
 
@@ -70,3 +71,46 @@ def test_model_step_prints_memory_and_flops_of_a_tiny_sharded_flux():
     # The update runs the forward pass, its recomputation (remat) and the backward pass.
     assert update > 2.5 * rollout > 0, out
     assert all(float(v) > 0 for v, _ in totals)
+
+
+def test_pytorch_peer_steps_as_our_ddim_sampler():
+    """benchmarks/ddpo_peer.py's DDIM step (ddpo-pytorch's formula, in torch) gives our
+    sampler's timesteps, step means and log-probabilities, so the side-by-side
+    benchmark times the same algorithm on both sides."""
+    import importlib.util
+    import types
+
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from bpgo_jax.rollout import samplers
+    from bpgo_jax.testing.sd_folders import SCHEDULE
+
+    path = SCRIPT.parent / "ddpo_peer.py"
+    spec = importlib.util.spec_from_file_location("ddpo_peer", path)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+
+    scheduler = diffusers.DDIMScheduler(**SCHEDULE, prediction_type="epsilon")
+    scheduler.set_timesteps(10)
+    model = types.SimpleNamespace(prediction_type="epsilon", scheduler_config=dict(SCHEDULE))
+    cfg = types.SimpleNamespace(kind="ddim", num_steps=10, eta=1.0, guidance_scale=1.0)
+    sampler = samplers.make_sampler(cfg, model)
+    np.testing.assert_array_equal(sampler.tables["model_t"], scheduler.timesteps.numpy())
+
+    rng = np.random.default_rng(0)
+    k = np.asarray([0, 3, 9, 5])  # per-row steps, the last one to t = 1 (alpha_prev = abar_0)
+    x, eps, x_next = (rng.standard_normal((4, 8, 8, 4)).astype(np.float32) for _ in range(3))
+    mean, std = samplers.transition(sampler, jnp.asarray(k), jnp.asarray(x), jnp.asarray(eps))
+    ours = samplers.gaussian_logprob(jnp.asarray(x_next), mean, std)
+    nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)
+    t = scheduler.timesteps[torch.from_numpy(k)]
+    zero_noise = peer.ddim_step_with_logprob(scheduler, nchw(eps), t, nchw(x), 0.0)[0]
+    _, log_prob = peer.ddim_step_with_logprob(
+        scheduler, nchw(eps), t, nchw(x), 1.0, prev_sample=nchw(x_next)
+    )
+    np.testing.assert_allclose(log_prob.numpy(), np.asarray(ours), rtol=1e-5, atol=1e-5)
+    # eta = 0 is the deterministic DDIM step: diffusers' own scheduler step.
+    for row in range(4):
+        ref = scheduler.step(nchw(eps)[row : row + 1], int(t[row]), nchw(x)[row : row + 1], eta=0.0)
+        np.testing.assert_allclose(zero_noise[row : row + 1].numpy(), ref.prev_sample.numpy(),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip

@@ -19,20 +19,6 @@ import sys
 
 import numpy as np
 
-_CA, _DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
-_CAUP, _UP = "CrossAttnUpBlock2D", "UpBlock2D"
-# 5.8 M parameters on 16x16x4 latents (a tiny CLIP text encoder and VAE around it);
-# its up path normalises 16x16x192 activations, where the programs first differed.
-UNET = dict(
-    sample_size=16,
-    block_out_channels=[64, 128, 128],
-    down_block_types=[_CA, _CA, _DOWN],
-    up_block_types=[_UP, _CAUP, _CAUP],
-    layers_per_block=1,
-    attention_head_dim=8,
-    cross_attention_dim=32,
-    norm_num_groups=32,
-)
 NUM_STEPS = 10
 
 
@@ -47,10 +33,11 @@ def on_policy_metrics() -> dict[str, list[float]]:
 
     from bpgo_jax.models.sd import preset, sd_model
     from bpgo_jax.rollout import samplers
+    from bpgo_jax.testing.sd_folders import UNET_6M
     from bpgo_jax.update.loss import PolicyBatch, step_loss
 
     configs = preset("tiny")
-    configs["unet"] = UNET
+    configs["unet"] = UNET_6M
     model, trainable, frozen = sd_model(configs, rng=jax.random.key(0))  # full fine-tune
     sample_cfg = dict(kind="ddim", num_steps=NUM_STEPS, eta=1.0, guidance_scale=5.0)
     sampler = samplers.make_sampler(ml_collections.ConfigDict(sample_cfg), model)

@@ -34,6 +34,7 @@ from bpgo_jax.models.sd import (  # noqa: E402
 from bpgo_jax.models.sd.config import unet_config_from_dict  # noqa: E402
 from bpgo_jax.models.sd.pipeline import model_from_modules, modules_from_configs  # noqa: E402
 from bpgo_jax.rollout import samplers  # noqa: E402
+from bpgo_jax.testing.sd_folders import VAE, save_sd_pipeline  # noqa: E402
 
 TOL = 1e-4
 _CA, _DOWN, _CAUP, _UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
@@ -64,100 +65,21 @@ SD2_UNET = dict(
     flip_sin_to_cos=False,
     freq_shift=1,
 )
-VAE = dict(
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=8,
-    sample_size=16,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    scaling_factor=0.5,
-)
-SCHEDULE = dict(
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    beta_end=0.012,
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
-
 # Its module-scoped fixtures build once: keep the file on one xdist worker.
 pytestmark = pytest.mark.xdist_group("test_sd_parity")
 PROMPTS = ["a photo of a cat", "hi", "photo photo photo"]
 
 
-def _jiggle(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random non-zero weights everywhere (diffusers zero-inits some output layers)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return module.eval()
-
-
-def _write_tokenizer(folder: str) -> None:
-    """A tiny byte-level BPE vocabulary in the layout of SD's `tokenizer/` folder."""
-    os.makedirs(folder, exist_ok=True)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    tokens = ["!", '"', *letters, *(c + "</w>" for c in letters)]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    merges = ["p h", "o t", "ph ot", "c a"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    for merge in merges:
-        vocab.setdefault(merge.replace(" ", ""), len(vocab))
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": 77}, f)
-
-
-def _save_pipeline(root, unet_kw: dict, act: str, prediction: str, seed: int) -> dict:
-    tok_src = str(root / "tokenizer_src")
-    _write_tokenizer(tok_src)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_src)
-    torch.manual_seed(seed)
-    text_cfg = transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=unet_kw["cross_attention_dim"],
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act=act,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    parts = dict(
-        text_encoder=transformers.CLIPTextModel(text_cfg).eval(),
-        unet=_jiggle(diffusers.UNet2DConditionModel(**unet_kw), seed),
-        vae=_jiggle(diffusers.AutoencoderKL(**VAE), seed + 1),
-    )
-    pipe = diffusers.StableDiffusionPipeline(
-        **parts,
-        tokenizer=tokenizer,
-        scheduler=diffusers.DDIMScheduler(**SCHEDULE, prediction_type=prediction),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    folder = str(root / "sd")
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return {"folder": folder, "tokenizer": tokenizer, **parts}
-
-
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
-    return _save_pipeline(tmp_path_factory.mktemp("sd1"), SD1_UNET, "quick_gelu", "epsilon", 0)
+    return save_sd_pipeline(tmp_path_factory.mktemp("sd1"), SD1_UNET)
 
 
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory):
-    return _save_pipeline(tmp_path_factory.mktemp("sd2"), SD2_UNET, "gelu", "v_prediction", 1)
+    return save_sd_pipeline(
+        tmp_path_factory.mktemp("sd2"), SD2_UNET, act="gelu", prediction="v_prediction", seed=1
+    )
 
 
 def _nchw(x) -> torch.Tensor:

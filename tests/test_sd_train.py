@@ -29,13 +29,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
-from test_sd_parity import SD1_UNET, _save_pipeline  # noqa: E402  (same tests/ folder)
+from test_sd_parity import SD1_UNET  # noqa: E402  (same tests/ folder)
 
 from bpgo_jax.config import batch_layout  # noqa: E402
 from bpgo_jax.configs import sd_aesthetic, sd_jpeg, sd_pickscore, sd_tiny_test  # noqa: E402
 from bpgo_jax.models.sd import sd_from_config  # noqa: E402
 from bpgo_jax.parallel import mesh as mesh_lib  # noqa: E402
 from bpgo_jax.prompts import load_prompts  # noqa: E402
+from bpgo_jax.testing.sd_folders import save_sd_pipeline  # noqa: E402
 
 # Its module-scoped fixtures build once: keep the file on one xdist worker.
 pytestmark = pytest.mark.xdist_group("test_sd_train")
@@ -63,7 +64,7 @@ def _save_clip(folder: Path, tokenizer) -> None:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd_train")
-    sd = _save_pipeline(root, SD1_UNET, "quick_gelu", "epsilon", 0)
+    sd = save_sd_pipeline(root, SD1_UNET)
     _save_clip(root / "clip", sd["tokenizer"])
     return {"sd": sd["folder"], "clip": str(root / "clip"), "cache": str(root / "xla_cache")}
 

@@ -36,7 +36,6 @@ transformers = pytest.importorskip("transformers")
 
 import text_folders  # noqa: E402  (tests/ folder)
 import wan_folders  # noqa: E402
-from flux_folders import jiggle  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bpgo_jax import priors as prior_lib  # noqa: E402
@@ -51,6 +50,7 @@ from bpgo_jax.prompts import PromptSet, load_prompts  # noqa: E402
 from bpgo_jax.prompts.images import condition_images  # noqa: E402
 from bpgo_jax.rewards import build_reward_set  # noqa: E402
 from bpgo_jax.rollout import samplers  # noqa: E402
+from bpgo_jax.testing.sd_folders import jiggle  # noqa: E402
 from bpgo_jax.train import train  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("test_wan_i2v")

@@ -32,7 +32,6 @@ transformers = pytest.importorskip("transformers")
 import text_folders  # noqa: E402  (tests/ folder)
 import wan_folders  # noqa: E402
 from commands import launch_tiny_run  # noqa: E402
-from flux_folders import jiggle  # noqa: E402
 
 from bpgo_jax.config import validate  # noqa: E402
 from bpgo_jax.configs import wan_t2v, wan_tiny_test  # noqa: E402
@@ -42,6 +41,7 @@ from bpgo_jax.models.wan import WAN_ATTENTION_TARGETS, preset, wan_model  # noqa
 from bpgo_jax.models.wan.pipeline import scheduler_from_dict  # noqa: E402
 from bpgo_jax.models.wan.vae_config import WanVAEConfig  # noqa: E402
 from bpgo_jax.rollout import samplers  # noqa: E402
+from bpgo_jax.testing.sd_folders import jiggle  # noqa: E402
 from bpgo_jax.train import train  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("test_wan_pipeline")

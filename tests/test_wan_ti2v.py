@@ -27,7 +27,6 @@ transformers = pytest.importorskip("transformers")
 
 import text_folders  # noqa: E402  (tests/ folder)
 import wan_folders  # noqa: E402
-from flux_folders import jiggle  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bpgo_jax.config import validate  # noqa: E402
@@ -36,6 +35,7 @@ from bpgo_jax.errors import ConfigError  # noqa: E402
 from bpgo_jax.models.wan.i2v import wan_i2v_model  # noqa: E402
 from bpgo_jax.prompts import load_prompts  # noqa: E402
 from bpgo_jax.rollout import samplers  # noqa: E402
+from bpgo_jax.testing.sd_folders import jiggle  # noqa: E402
 from bpgo_jax.train import train  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("test_wan_ti2v")

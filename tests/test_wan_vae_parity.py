@@ -38,6 +38,7 @@ from bpgo_jax.models.wan.vae_config import (  # noqa: E402
     latent_shape,
     wan_vae_config_from_dict,
 )
+from bpgo_jax.testing.sd_folders import jiggle  # noqa: E402
 
 TOL = 1e-4  # relative to the largest reference magnitude (at least 1)
 # The real layouts' level structure (3 downsamplings, time at the last two) at tiny widths;
@@ -76,12 +77,7 @@ def _run(fn, *args):
 def _reference(kw: dict, seed: int) -> diffusers.AutoencoderKLWan:
     """diffusers' VAE with every weight (norm scales included) jiggled off its init."""
     torch.manual_seed(seed)
-    ref = diffusers.AutoencoderKLWan(**kw).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return ref
+    return jiggle(diffusers.AutoencoderKLWan(**kw), seed + 1)
 
 
 def _case(root, kw: dict, seed: int, size: tuple[int, int]) -> dict:
