@@ -10,31 +10,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_launch(script: str, *flags: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`python launch/SCRIPT FLAGS...` with stdout and stderr captured as text."""
+def run_launch(
+    script: str, *flags: str, cwd: Path | None = None, pinned: bool = False
+) -> subprocess.CompletedProcess:
+    """`python launch/SCRIPT FLAGS...` with stdout and stderr captured as text.
+
+    `pinned`: on CPU with the hash seed pinned and a 10-minute limit, as the runs that
+    train or sample do. LoRA factors are merged in set order, so without a pinned seed
+    the traced program (and its compile-cache key) changes from process to process."""
     cmd = [sys.executable, str(ROOT / "launch" / script), *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    if not pinned:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONHASHSEED="0")
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def compile_cache() -> str:
+    """The tests' persistent compilation cache (tests/conftest.py), for `--compile_cache`."""
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 def launch_tiny_run(
-    config: str, workdir: Path, init: str, cache: str, *flags: str
+    config: str, workdir: Path, init: str, *flags: str
 ) -> subprocess.CompletedProcess:
     """`launch/train.py --config=configs/CONFIG.py` (a model's `*_tiny_test` twin) from the
-    model folder `init` on 8 CPU devices, asserted to exit 0. The hash seed is pinned:
-    LoRA factors are merged in set order, so the traced program (and its compile-cache
-    key) would otherwise change from process to process."""
-    cmd = [
-        sys.executable,
-        str(ROOT / "launch" / "train.py"),
+    model folder `init` on 8 CPU devices, asserted to exit 0."""
+    proc = run_launch(
+        "train.py",
         f"--config=configs/{config}.py",
         f"--workdir={workdir}",
         f"--config.model.init={init}",
-        f"--compile_cache={cache}",
+        f"--compile_cache={compile_cache()}",
         "--cpu_devices=8",
         *flags,
-    ]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONHASHSEED="0")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=ROOT,
+        pinned=True,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

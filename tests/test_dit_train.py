@@ -101,8 +101,7 @@ def _assert_same_records(got: list[dict], want: list[dict]) -> None:
 @pytest.mark.slow
 def test_launcher_trains_sd3_lora_on_policy_on_a_2x4_mesh(folders):
     workdir = Path(folders["root"]) / "launch_sd3"
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or f"{folders['root']}/xla"
-    proc = launch_tiny_run(TWINS["sd3"], workdir, folders["sd3"], cache)
+    proc = launch_tiny_run(TWINS["sd3"], workdir, folders["sd3"])
     assert "mesh {'data': 2, 'fsdp': 4} over 8 cpu device(s)" in proc.stderr
     records = _rows(workdir)
     assert [r["epoch"] for r in records] == [0, 1]

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -29,7 +28,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
-from test_sd_parity import SD1_UNET  # noqa: E402  (same tests/ folder)
+from commands import compile_cache, run_launch  # noqa: E402  (same tests/ folder)
+from test_sd_parity import SD1_UNET  # noqa: E402
 
 from bpgo_jax.config import batch_layout  # noqa: E402
 from bpgo_jax.configs import sd_aesthetic, sd_jpeg, sd_pickscore, sd_tiny_test  # noqa: E402
@@ -66,30 +66,23 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd_train")
     sd = save_sd_pipeline(root, SD1_UNET)
     _save_clip(root / "clip", sd["tokenizer"])
-    return {"sd": sd["folder"], "clip": str(root / "clip"), "cache": str(root / "xla_cache")}
+    return {"sd": sd["folder"], "clip": str(root / "clip")}
 
 
 def _launch(folders: dict, workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "launch/train.py",
+    proc = run_launch(
+        "train.py",
         "--config=configs/sd_tiny_test.py",
         f"--workdir={workdir}",
         f"--config.model.init={folders['sd']}",
         f"--config.rewards.clip_score.path={folders['clip']}",
         # The resumed run reuses the first run's executables instead of recompiling.
-        f"--compile_cache={os.environ.get('JAX_COMPILATION_CACHE_DIR') or folders['cache']}",
+        f"--compile_cache={compile_cache()}",
         "--cpu_devices=2",  # replaces the 8 devices XLA_FLAGS ask for in this process
         *overrides,
-    ]
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        # LoRA factors are merged in set order, so without a pinned hash seed the
-        # traced program (and its compile-cache key) changes from process to process.
-        PYTHONHASHSEED="0",
+        cwd=ROOT,
+        pinned=True,
     )
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

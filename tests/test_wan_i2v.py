@@ -17,10 +17,7 @@ tests/test_wan_ti2v.py).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -36,6 +33,7 @@ transformers = pytest.importorskip("transformers")
 
 import text_folders  # noqa: E402  (tests/ folder)
 import wan_folders  # noqa: E402
+from commands import compile_cache, run_launch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bpgo_jax import priors as prior_lib  # noqa: E402
@@ -430,12 +428,6 @@ def _rows(workdir: Path) -> list[dict]:
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _launch(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONHASHSEED="0")
-    cmd = [sys.executable, script, *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_tiny_run_with_first_frame_priors_trains_on_policy_sharded_as_on_one_device(
     folder, tmp_path
@@ -443,22 +435,23 @@ def test_tiny_run_with_first_frame_priors_trains_on_policy_sharded_as_on_one_dev
     root, _, _ = folder
     model_dir = root / "wan"
     prompts = write_prompts(tmp_path, E2E_PROMPTS, (24, 40))  # resized to 16 x 16 on load
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path / "xla")
     common = [
         "--config=configs/wan_i2v_tiny_test.py",
         f"--config.model.init={model_dir}",
-        f"--compile_cache={cache}",
+        f"--compile_cache={compile_cache()}",
         "--cpu_devices=8",
     ]
     with_priors = tmp_path / "with_priors.jsonl"
-    proc = _launch(
-        "launch/estimate_priors.py",
+    proc = run_launch(
+        "estimate_priors.py",
         *common,
         f"--config.prompts.path={prompts}",
         "--config.prior.kind=moving_average",  # the file has no priors yet
         "--base_weights",
         "--first_frame",
         f"--output={with_priors}",
+        cwd=ROOT,
+        pinned=True,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     entries = [json.loads(x) for x in with_priors.read_text().splitlines()]
@@ -466,8 +459,13 @@ def test_tiny_run_with_first_frame_priors_trains_on_policy_sharded_as_on_one_dev
     assert [e["prompt"] for e in entries] == E2E_PROMPTS and np.all((priors > 0) & (priors < 1))
 
     workdir = tmp_path / "launch"
-    proc = _launch(
-        "launch/train.py", *common, f"--workdir={workdir}", f"--config.prompts.path={with_priors}"
+    proc = run_launch(
+        "train.py",
+        *common,
+        f"--workdir={workdir}",
+        f"--config.prompts.path={with_priors}",
+        cwd=ROOT,
+        pinned=True,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     launched = _rows(workdir)

@@ -19,10 +19,11 @@ tensors; this writer passes numpy arrays, so torch is kept out of that import.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +35,24 @@ from bpgo_jax.logs.video import encode_gif
 from bpgo_jax.logs.writer import INDEX_KEYS
 
 
-def _summary_writer_class() -> type:
-    """tensorboardX's `SummaryWriter`, imported without importing PyTorch."""
-    if "torch" in sys.modules:  # already paid for
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+@contextlib.contextmanager
+def _torch_unimportable() -> Iterator[None]:
+    """Inside, `import torch` raises ImportError (which tensorboardX expects where torch
+    is missing), unless torch is imported already: then its cost is paid anyway."""
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None
     try:
-        from tensorboardX import SummaryWriter
+        yield
     finally:
         del sys.modules["torch"]
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's `SummaryWriter`, imported without importing PyTorch."""
+    with _torch_unimportable():
+        from tensorboardX import SummaryWriter
     return SummaryWriter
 
 
