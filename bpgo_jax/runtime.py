@@ -164,6 +164,26 @@ def initialize_distributed(
         ) from None
 
 
+def start(
+    cpu_devices: int,
+    compile_cache: str,
+    distributed: DistributedFlags | None = None,
+    *,
+    log_info: bool = False,
+) -> None:
+    """A command's set-up, before it imports JAX: `cpu_devices` CPU devices (0: as
+    XLA_FLAGS say), absl's INFO lines hidden, the persistent compilation cache,
+    INFO logging of our own lines (`log_info`, the training commands) and the
+    multi-process job (`distributed`, the commands that take those flags)."""
+    set_cpu_devices(cpu_devices)
+    quiet_absl()
+    if log_info:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    enable_compile_cache(compile_cache)
+    if distributed is not None:
+        distributed.initialize()
+
+
 def any_process(flag: bool) -> bool:
     """`flag` of any process, the same answer on every process: one decision for a job.
 

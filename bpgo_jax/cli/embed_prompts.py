@@ -41,9 +41,7 @@ flags.mark_flags_as_required(["config", "out"])
 
 def main(argv):
     del argv
-    runtime.set_cpu_devices(_CPU_DEVICES.value)
-    runtime.quiet_absl()
-    runtime.enable_compile_cache(_CACHE.value)
+    runtime.start(_CPU_DEVICES.value, _CACHE.value)
     import jax
 
     from bpgo_jax.errors import ConfigError, UserError

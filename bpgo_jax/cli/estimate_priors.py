@@ -40,10 +40,7 @@ flags.mark_flags_as_required(["config", "output"])
 
 def main(argv):
     del argv
-    runtime.set_cpu_devices(_CPU_DEVICES.value)
-    runtime.quiet_absl()
-    runtime.enable_compile_cache(_CACHE.value)
-    _DISTRIBUTED.initialize()
+    runtime.start(_CPU_DEVICES.value, _CACHE.value, _DISTRIBUTED)
     import jax
     import numpy as np
 

@@ -16,7 +16,6 @@ refused unless --allow_config_change is given.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 from absl import flags
@@ -41,10 +40,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv
-    runtime.set_cpu_devices(_CPU_DEVICES.value)
-    runtime.quiet_absl()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    runtime.enable_compile_cache(_CACHE.value)
+    runtime.start(_CPU_DEVICES.value, _CACHE.value, log_info=True)
     import jax
 
     from bpgo_jax import pretrain

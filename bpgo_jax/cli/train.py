@@ -21,7 +21,6 @@ each checkpoint. SIGTERM to any process stops all of them after the same
 epoch, with one checkpoint, each exiting with code 75.
 """
 
-import logging
 
 from absl import flags
 from ml_collections import config_flags
@@ -47,11 +46,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    runtime.set_cpu_devices(_CPU_DEVICES.value)
-    runtime.quiet_absl()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    runtime.enable_compile_cache(_CACHE.value)
-    _DISTRIBUTED.initialize()
+    runtime.start(_CPU_DEVICES.value, _CACHE.value, _DISTRIBUTED, log_info=True)
     from bpgo_jax.train import train
 
     train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)

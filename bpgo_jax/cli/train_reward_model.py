@@ -223,9 +223,7 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    runtime.quiet_absl()
-    runtime.enable_compile_cache(flags.FLAGS.compile_cache)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    runtime.start(0, flags.FLAGS.compile_cache, log_info=True)  # JAX is imported already
     args = flags.FLAGS
     last = train(
         args.config,
