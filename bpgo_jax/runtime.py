@@ -471,6 +471,42 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips (and other Google devices) on the PCI bus
+_GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+_PLUGIN_NAMESPACE = "jax_plugins"  # where other PJRT plugins install themselves
+
+
+def prefer_cpu_without_accelerators() -> None:
+    """JAX_PLATFORMS=cpu where nothing but the CPU can run JAX.
+
+    With libtpu installed (the `tpu` and `test` extras) JAX looks for TPU chips
+    when it starts and, on a machine without them, prints libtpu's
+    initialisation errors before it falls back to the CPU. So where
+    JAX_PLATFORMS is unset, no GPU plugin is installed and neither a Google
+    PCI device (as TPU chips are) nor a TPU device file exists, the commands
+    ask for the CPU directly. Anything that could be a TPU leaves JAX to look.
+    """
+    import importlib.metadata
+    import importlib.util
+    from glob import glob
+
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    if any(importlib.util.find_spec(name) for name in (*_GPU_PLUGINS, _PLUGIN_NAMESPACE)):
+        return
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return
+    if glob("/dev/accel*") or glob("/dev/vfio/*"):
+        return
+    for vendor in glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            if Path(vendor).read_text().strip() == _GOOGLE_PCI_VENDOR:
+                return
+        except OSError:
+            return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def run(main: Callable[[list[str]], None], doc: str | None = None) -> None:
     """`absl.app.run(main)` for a command: a `UserError` becomes one `error:` line.
 
@@ -487,6 +523,7 @@ def run(main: Callable[[list[str]], None], doc: str | None = None) -> None:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
     def guarded(argv: list[str]) -> None:
+        prefer_cpu_without_accelerators()
         try:
             main(argv)
         except errors.UserError as err:
