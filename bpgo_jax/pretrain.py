@@ -38,6 +38,7 @@ from bpgo_jax.checkpoint import (
     atomic_write,
     check_run_config,
     config_record,
+    export_files,
     lock_workdir,
     prepare_workdir,
 )
@@ -646,8 +647,5 @@ def _ship(
     }
     atomic_write(workdir / "generator.json", json.dumps(info, indent=1) + "\n")
     if cfg.export_dir:
-        export = Path(cfg.export_dir)
-        export.mkdir(parents=True, exist_ok=True)
-        for name in ("generator.msgpack", "generator.json"):
-            atomic_write(export / name, (workdir / name).read_bytes())
+        export_files(cfg.export_dir, workdir, ("generator.msgpack", "generator.json"))
     return info

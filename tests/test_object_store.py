@@ -183,3 +183,18 @@ def test_the_lock_object_is_created_only_if_absent_and_its_heartbeat_runs(gcs):
             assert time.time() < deadline, "the heartbeat was not refreshed"
             time.sleep(0.05)
     assert not held.path.exists()
+
+
+def test_export_files_copies_into_a_bucket_and_into_a_new_local_folder(gcs, tmp_path):
+    """pretraining's and reward-model training's `export_dir`: a gs:// URL or a folder."""
+    from bpgo_jax.checkpoint import export_files
+
+    source = tmp_path / "workdir"
+    source.mkdir()
+    files = {"generator.msgpack": b"\x00weights\xff", "generator.json": b'{"steps": 4}\n'}
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    for export in (f"{gcs}/assets", tmp_path / "new" / "assets"):
+        export_files(export, source, tuple(files))
+        target = workdir_path(export)
+        assert {n: (target / n).read_bytes() for n in files} == files

@@ -259,10 +259,14 @@ def test_pretraining_killed_after_a_checkpoint_resumes_to_the_uninterrupted_resu
     assert {k: v for k, v in resumed.items() if k != "train_seconds"} == {
         k: v for k, v in whole.items() if k != "train_seconds"
     }
-    # A finished workdir re-run ships the same pick again without training.
+    # A finished workdir re-run ships the same pick again without training, into
+    # export_dir too (a neutral field).
+    cfg.export_dir = str(tmp_path / "assets")
     again = pretrain.train(cfg, tmp_path / "cut", command="test")
     assert again["heldout_oracle_accuracy"] == whole["heldout_oracle_accuracy"]
     assert len(_rows(tmp_path / "cut")) == 6
+    for name in ("generator.msgpack", "generator.json"):
+        assert (tmp_path / "assets" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes()
     # The schedule spans train.steps: resuming with another is refused before any work.
     longer = small_pretrain_config()
     longer.train.steps = 8
@@ -288,8 +292,11 @@ def test_reward_model_training_killed_after_a_checkpoint_resumes_to_the_same_wei
     from bpgo_jax.world import reward_model
 
     cfg = small_reward_model_config()
+    cfg.export_dir = str(tmp_path / "assets")
     whole = trm.train(cfg, tmp_path / "whole", command="test")
     assert whole["step"] == 4 and 0.0 <= whole["auc_all"] <= 1.0
+    for name in ("reward_model.msgpack", "reward_model.json"):
+        assert (tmp_path / "assets" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 
     real, calls = trm.sample_pairs, []
 

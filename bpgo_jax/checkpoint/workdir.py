@@ -147,6 +147,19 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
         raise WorkdirError(f"cannot write {path}: {_reason(err)}") from err
 
 
+def export_files(export_dir: str | os.PathLike, source: WorkPath, names: Sequence[str]) -> None:
+    """Copies the files `names` of folder `source` into `export_dir`, a local folder
+    (created when missing) or an object-store URL, each written whole (`atomic_write`)."""
+    target = workdir_path(export_dir)
+    if not is_remote(target):
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise WorkdirError(f"cannot create export folder {target}: {_reason(err)}") from err
+    for name in names:
+        atomic_write(target / name, (source / name).read_bytes())
+
+
 def append_text(path: str | os.PathLike, text: str) -> None:
     """Appends `text` to `path`. An object cannot be appended to: on an object store
     the object is read and written back whole (for small, rarely appended files)."""

@@ -41,6 +41,7 @@ from bpgo_jax.checkpoint import (
     atomic_write,
     check_run_config,
     config_record,
+    export_files,
     lock_workdir,
     prepare_workdir,
 )
@@ -194,12 +195,12 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, command: str) -> dict[
         finally:
             logger.close()
 
-    for directory in [workdir, Path(cfg.export_dir)] if cfg.export_dir else [workdir]:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / ".reward_model.tmp.msgpack"
-        rm.save(tmp, params, model_cfg)  # weights + .json config, renamed into place
-        os.replace(tmp.with_suffix(".json"), directory / "reward_model.json")
-        os.replace(tmp, directory / "reward_model.msgpack")
+    tmp = workdir / ".reward_model.tmp.msgpack"
+    rm.save(tmp, params, model_cfg)  # weights + .json config, renamed into place
+    os.replace(tmp.with_suffix(".json"), workdir / "reward_model.json")
+    os.replace(tmp, workdir / "reward_model.msgpack")
+    if cfg.export_dir:
+        export_files(cfg.export_dir, workdir, ("reward_model.msgpack", "reward_model.json"))
     return progress.last
 
 

@@ -91,5 +91,5 @@ def get_config() -> ml_collections.ConfigDict:
         stop_accuracy=0.4,  # stop training once an evaluation reaches this
         num_images=16,
     )
-    c.export_dir = ""  # also write generator.msgpack / generator.json here
+    c.export_dir = ""  # also write generator.msgpack / .json here (a folder or gs:// URL)
     return c

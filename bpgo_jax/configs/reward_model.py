@@ -45,5 +45,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_split = "train"
     c.eval_scenes = 300
     c.target_auc = 0.85  # stop at a modest ROC-AUC: informative, not perfect
-    c.export_dir = ""  # also write the weights here (e.g. bpgo_jax/world/assets)
+    c.export_dir = ""  # also write the weights here (a folder, e.g. bpgo_jax/world/assets, or gs://)
     return c
