@@ -198,3 +198,19 @@ def test_export_files_copies_into_a_bucket_and_into_a_new_local_folder(gcs, tmp_
         export_files(export, source, tuple(files))
         target = workdir_path(export)
         assert {n: (target / n).read_bytes() for n in files} == files
+
+
+def test_a_heartbeat_never_overwrites_a_takeover_made_after_its_read(gcs):
+    """The heartbeat reads the lock, finds its own token, then writes: a run taking the
+    lock over between the two is kept (the write is conditional on the generation read)."""
+    url = f"{gcs}/race"
+    with ObjectStoreLock(url, heartbeat_s=3600) as held:
+        mine, generation = held._read_versioned()
+        assert mine["token"] == held._owner["token"] and generation is not None
+        other = {"pid": 3, "host": "elsewhere", "started": "now", "token": "z", "heartbeat": 1}
+        held.path.write_text(json.dumps(other))  # the takeover, after the heartbeat's read
+        held._read_versioned = lambda: (mine, generation)
+        with pytest.raises(WorkdirError, match="no longer locked by this run.*pid 3 on host"):
+            held.refresh()
+        assert json.loads(held.path.read_text())["token"] == "z"
+    assert json.loads(held.path.read_text())["token"] == "z"  # released without removing it

@@ -276,7 +276,9 @@ class ObjectStoreLock:
     back to a check before the write; either way the lock is read back, and
     a run that finds another's token in it at a heartbeat (its own heartbeat
     was stale and another run took over) stops with `WorkdirError` at its next
-    checkpoint instead of writing into the other run's workdir.
+    checkpoint instead of writing into the other run's workdir. On GCS each
+    heartbeat write is also conditional on the generation it read, so a
+    takeover between that read and the write is never overwritten.
     """
 
     def __init__(
@@ -335,12 +337,16 @@ class ObjectStoreLock:
         return self
 
     def refresh(self) -> None:
-        """Rewrites the heartbeat; raises `WorkdirError` when another run took the lock over."""
+        """Rewrites the heartbeat; raises `WorkdirError` when another run took the lock over.
+
+        On GCS the rewrite is conditional on the generation that was read
+        (`ifGenerationMatch`), so a takeover between the read and the write
+        fails the write instead of being overwritten."""
         if self._owner is None:
             return
         with self._io:
             if self.lost is None:
-                current = self._read()
+                current, generation = self._read_versioned()
                 if current is None or current.get("token") != self._owner["token"]:
                     self.lost = (
                         f"taken over by {_owner_text(current)}"
@@ -349,7 +355,8 @@ class ObjectStoreLock:
                     )
                 else:
                     self._owner["heartbeat"] = time.time()
-                    self._write(self._owner)
+                    if not self._write(self._owner, generation):
+                        self.lost = f"taken over by {_owner_text(self._read())}"
         if self.lost is not None:
             raise WorkdirError(
                 f"{self.workdir} is no longer locked by this run ({self.lost}; the heartbeat "
@@ -412,8 +419,58 @@ class ObjectStoreLock:
         except Exception as err:  # noqa: BLE001
             raise WorkdirError(f"cannot lock {self.path}: {_store_reason(err)}") from err
 
-    def _write(self, owner: Mapping[str, Any]) -> None:
-        atomic_write(self.path, json.dumps(owner))
+    def _read_versioned(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The lock's owner and, on GCS, the generation of the object it was read from
+        (one request: the media download reports the generation in a header)."""
+        fs, key = filesystem(self.path)
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        if "gs" not in protocols:  # other stores: no generation to match
+            return self._read(), None
+        bucket, name, _ = fs.split_path(key)
+        try:
+            headers, data = fs.call("GET", "b/{}/o/{}", bucket, name, alt="media")
+        except FileNotFoundError:
+            return None, None
+        except Exception as err:  # noqa: BLE001
+            raise WorkdirError(f"cannot read the lock {self.path}: {_store_reason(err)}") from err
+        try:
+            owner = json.loads(data)
+        except ValueError:
+            owner = {}
+        generation = {k.lower(): v for k, v in headers.items()}.get("x-goog-generation")
+        return (owner if isinstance(owner, dict) else {}), generation
+
+    def _write(self, owner: Mapping[str, Any], generation: str | None = None) -> bool:
+        """Writes the lock; with a GCS `generation`, only if the object still has it.
+        Returns False when that precondition failed (another run rewrote the lock)."""
+        data = json.dumps(owner).encode()
+        if generation is None:
+            atomic_write(self.path, data)
+            return True
+        fs, key = filesystem(self.path)
+        bucket, name, _ = fs.split_path(key)
+        # A multipart upload, as gcsfs makes its create-only writes (ifGenerationMatch=0).
+        meta = json.dumps({"name": name, "contentType": "application/json"})
+        body = (
+            f'--==0==\nContent-Type: application/json; charset=UTF-8\n\n{meta}\n'
+            "--==0==\nContent-Type: application/json\n\n"
+        ).encode() + data + b"\n--==0==--"
+        try:
+            fs.call(
+                "POST",
+                f"{fs._location}/upload/storage/v1/b/{bucket}/o",
+                uploadType="multipart",
+                ifGenerationMatch=generation,
+                headers={"Content-Type": 'multipart/related; boundary="==0=="'},
+                data=body,
+            )
+        except FileExistsError:  # HTTP 412: the precondition failed
+            return False
+        except Exception as err:  # noqa: BLE001
+            raise WorkdirError(f"cannot write the lock {self.path}: {_store_reason(err)}") from err
+        finally:
+            fs.invalidate_cache(key)
+        return True
 
     def _delete(self) -> None:
         fs, key = filesystem(self.path)
