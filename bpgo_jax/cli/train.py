@@ -21,7 +21,6 @@ each checkpoint. SIGTERM to any process stops all of them after the same
 epoch, with one checkpoint, each exiting with code 75.
 """
 
-
 from absl import flags
 from ml_collections import config_flags
 

@@ -9,8 +9,8 @@ config against an eager PyTorch DDPO loop doing the same work: 4 prompts x 4
 samples, 10 DDIM steps with eta 1 and no guidance, rollout batches of 8, then
 one optimiser update over all 16 samples and all 10 steps in micro-batches
 of 8 (a full fine-tune with AdamW, GRPO's group-normalised advantages), JPEG
-compressibility as the reward. No
-evaluation, no images, no checkpoint until the end: the epoch's stages only.
+compressibility as the reward. No evaluation, no images, no checkpoint until
+the end: the epoch's stages only.
 """
 
 import ml_collections
