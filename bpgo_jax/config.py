@@ -466,20 +466,25 @@ def _check_wan(model: ml_collections.ConfigDict, config: ml_collections.ConfigDi
 
         name = model.get("preset", "tiny")
         preset = PRESETS.get(name, {})
+        # Image-to-video presets read the image latents (36 channels) or blend them (TI2V).
+        takes_images = {
+            n
+            for n, p in PRESETS.items()
+            if p["transformer"].get("in_channels") == 36 or p.get("expand_timesteps")
+        }
         if i2v:
             _check(
-                name in ("wan22_i2v_a14b", "wan22_ti2v_5b"),
-                f"model.preset={name!r}: image-to-video with random weights builds "
-                "'wan22_i2v_a14b' or 'wan22_ti2v_5b' (Wan2.1 I2V needs a folder with its CLIP "
-                "image encoder)",
+                name in takes_images,
+                f"model.preset={name!r}: image-to-video with random weights builds one of "
+                f"{sorted(takes_images)}",
             )
             ti2v = bool(preset.get("expand_timesteps"))
         else:
             _check(
-                preset.get("transformer_2") is None and not preset.get("expand_timesteps"),
-                f"model.preset={name!r} is a Wan2.2 model (two experts or per-token "
-                "timesteps); text-to-video trains Wan2.1, image-to-video needs "
-                "model.condition_prompts",
+                name not in takes_images and preset.get("transformer_2") is None,
+                f"model.preset={name!r} is an image-to-video or Wan2.2 model (image input, "
+                "two experts or per-token timesteps); text-to-video trains Wan2.1's T2V "
+                "presets, image-to-video needs model.condition_prompts",
             )
     if config.prior.kind == "first_frame":
         _check(

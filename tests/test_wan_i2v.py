@@ -43,6 +43,7 @@ from bpgo_jax.errors import ConfigError, InputFileError  # noqa: E402
 from bpgo_jax.models import build_model  # noqa: E402
 from bpgo_jax.models.lora import LoraSpec  # noqa: E402
 from bpgo_jax.models.wan.i2v import wan_i2v_model  # noqa: E402
+from bpgo_jax.parallel import aot  # noqa: E402
 from bpgo_jax.priors.first_frame import first_frame_priors, static_clips  # noqa: E402
 from bpgo_jax.prompts import PromptSet, load_prompts  # noqa: E402
 from bpgo_jax.prompts.images import condition_images  # noqa: E402
@@ -403,6 +404,36 @@ def test_i2v_configs_name_the_paper_setting_and_fit_the_mesh(tmp_path):
     t2v.model.init, t2v.prior.kind = "random", "first_frame"
     with pytest.raises(ConfigError, match="prior.kind='first_frame' scores each prompt's"):
         validate(t2v, 8)
+
+
+def test_random_wan21_flf2v_preset_builds_with_its_clip_tower(tmp_path):
+    """Wan2.1 FLF2V with random weights (`tiny_flf2v`; `wan21_flf2v_14b` and the I2V
+    presets `tiny_i2v_21` / `wan21_i2v_14b` take the same path with one frame): the
+    preset's CLIP tower is drawn, both frames' CLIP pixels are kept, and the image branch
+    reads both frames' 17 states through the learned position table."""
+    prompts = wan_folders.write_prompts(tmp_path, PROMPTS, (HEIGHT, WIDTH), last=True)
+    c = wan_i2v_tiny_test.get_config()
+    c.model.update(init="random", preset="tiny_flf2v", resolution=(HEIGHT, WIDTH))
+    c.model.update(num_frames=FRAMES, vae=dict(base_dim=8, dim_mult=(1, 2, 2, 2)))
+    c.prompts.path = str(prompts)
+    c.mesh.shape = (1, 1)
+    validate(c, 1)
+    model, trainable, frozen = build_model(c.model, jax.random.key(0))
+    # launch/compile.py's abstract build has the same tree, nothing drawn.
+    _, a_trainable, a_frozen = aot.abstract_model(c.model)
+    shapes = lambda tree: jax.tree.map(lambda x: (np.shape(x), np.dtype(x.dtype)), tree)
+    assert shapes((a_trainable, a_frozen)) == shapes((trainable, frozen))
+    assert set(trainable) == {"lora"} and set(trainable["lora"]) == {"transformer"}
+    assert frozen["clip_pixels"].shape == (2 * len(PROMPTS), 32, 32, 3)  # first, then last
+    assert "last_images" in frozen
+    cond = jax.jit(model.encode_text)(frozen, model.tokenize(PROMPTS))
+    assert cond["image_embeds"].shape == (2, 2 * 17, 24)
+    x = jnp.zeros((2, *model.latent_shape))
+    out = jax.jit(model.predict)(trainable, frozen, x, jnp.asarray([900.0, 100.0]), cond)
+    assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+    c.model.preset = "tiny"  # a text-to-video preset for an image-to-video run
+    with pytest.raises(ConfigError, match="image-to-video with random weights builds one of"):
+        validate(c, 1)
 
 
 def test_i2v_folder_without_condition_prompts_is_refused_by_name(folder):

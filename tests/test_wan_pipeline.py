@@ -233,7 +233,8 @@ def test_paper_config_fits_one_and_eight_devices():
     [
         ("num_frames", 8, "model.num_frames=8 must be 1 + 4k"),
         ("resolution", (16, 24), "model.resolution=(16, 24) must be"),
-        ("preset", "wan22_t2v_a14b", "is a Wan2.2 model"),
+        ("preset", "wan22_t2v_a14b", "is an image-to-video or Wan2.2 model"),
+        ("preset", "tiny_i2v_21", "is an image-to-video or Wan2.2 model"),
         ("vae_batch_chunk", -1, "model.vae_batch_chunk=-1 must be"),
     ],
 )

@@ -266,6 +266,7 @@ def _wan(cfg: ml_collections.ConfigDict):
 def _wan_i2v(cfg: ml_collections.ConfigDict):
     """`wan.i2v.wan_i2v_from_config`'s model with abstract weights (the conditioning images
     of `condition_prompts` are read: they are part of the model's frozen tree)."""
+    from bpgo_jax.models.clip.loaders import vision_inputs
     from bpgo_jax.models.dit import pipeline as dit_pipeline
     from bpgo_jax.models.wan import i2v
     from bpgo_jax.models.wan import vae as wan_vae
@@ -280,13 +281,10 @@ def _wan_i2v(cfg: ml_collections.ConfigDict):
         fields = ("dtype", "attention", "remat", "max_sequence_length")
         o = dit_pipeline.options_of({k: kw.pop(k) for k in fields})
         mods = i2v.modules_from_configs(configs, o.dtype, **o.modules())
-        if mods.image_encoder is not None:
-            raise ConfigError(
-                "compiling a Wan2.1 I2V model (a CLIP image encoder) is not supported"
-            )
         size = dit_pipeline.image_size(resolution, DEFAULT_SIZE)
         images, rows = condition_images(sets, *size)
         last = condition_images(sets, *size, key="last_image")
+        clip = i2v.clip_pixel_table(mods, sets, last)
         model, trained = i2v.model_from_modules(
             mods,
             images,
@@ -295,6 +293,7 @@ def _wan_i2v(cfg: ml_collections.ConfigDict):
             resolution=resolution,
             lora=lora,
             last=last,
+            clip=clip,
             **kw,
         )
         nets = {n: _module_shapes(m, o.dtype, *example_inputs(m.cfg)) for n, m in mods.experts}
@@ -303,6 +302,10 @@ def _wan_i2v(cfg: ml_collections.ConfigDict):
             "text": _text_shapes(mods.text, o.dtype),
             **jax.eval_shape(lambda: i2v.condition_tables(images, last)),
         }
+        if clip is not None:  # Wan2.1 I2V / FLF2V: the CLIP tower and the frames' pixels
+            encoder = mods.image_encoder
+            frozen["image_encoder"] = _module_shapes(encoder, o.dtype, vision_inputs(encoder.cfg))
+            frozen["clip_pixels"] = jax.ShapeDtypeStruct(clip.shape, jnp.float32)
         split = lambda n, f: i2v.split_experts(n, f, lora, trained, rng)
         return model, *jax.eval_shape(split, nets, frozen)
 

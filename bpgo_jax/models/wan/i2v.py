@@ -66,7 +66,8 @@ import numpy as np
 from bpgo_jax.errors import ConfigError, WeightsError
 from bpgo_jax.models import lora as lora_lib
 from bpgo_jax.models import text_stacks, weights
-from bpgo_jax.models.clip import CLIPVisionModel, load_clip_vision
+from bpgo_jax.models.clip import CLIPVisionModel, VisionConfig, load_clip_vision
+from bpgo_jax.models.clip.loaders import vision_inputs
 from bpgo_jax.models.dit import pipeline as dit_pipeline
 from bpgo_jax.models.interface import DiffusionModel
 from bpgo_jax.models.lora import LoraSpec
@@ -424,7 +425,7 @@ def model_from_modules(
     def init(rng: jax.Array) -> tuple[Params, Params]:
         from bpgo_jax.models.sd.pipeline import random_params
 
-        keys = jax.random.split(rng, len(m.experts) + 3)
+        keys = jax.random.split(rng, len(m.experts) + 4)
         dtype = first_module.dtype
         nets = {
             name: random_params(mod, keys[i], dtype, *example_inputs(mod.cfg))
@@ -435,6 +436,12 @@ def model_from_modules(
             "text": stack.init(keys[-2], dtype),
             **condition_tables(images, last if flf else None),
         }
+        if m.image_encoder is not None:
+            encoder = m.image_encoder
+            frozen["image_encoder"] = random_params(
+                encoder, keys[-4], dtype, vision_inputs(encoder.cfg)
+            )
+            frozen["clip_pixels"] = jnp.asarray(clip)
         return split_experts(nets, frozen, lora, trained, keys[-1])
 
     first_module = m.experts[0][1]
@@ -503,21 +510,34 @@ def modules_from_configs(configs: dict, dtype: Any = jnp.float32, **options: Any
     its form: `transformer`[, `transformer_2`, `boundary_ratio`], `vae`[, `text_encoder`,
     `scheduler`]); `options` are `dit.pipeline.BuildOptions.modules()`."""
     o = dit_pipeline.options_of(options)
+    encoder = processor = None
     if configs["transformer"].get("image_dim") is not None:
-        raise ConfigError(
-            "random Wan2.1 I2V weights need a CLIP image encoder config: load a folder"
-        )
+        if not configs.get("image_encoder"):
+            raise ConfigError(
+                "a Wan2.1 I2V preset needs its CLIP `image_encoder` config (a VisionConfig "
+                "dict, e.g. presets.preset('wan21_i2v_14b')), or load a folder"
+            )
+        vision = VisionConfig(**dict(configs["image_encoder"]))
+        encoder = CLIPVisionModel(vision, with_projection=False, dtype=dtype, attention=o.attention)
+        processor = dict(configs.get("image_processor") or {})
     experts = tuple(
         (e, wan_transformer(configs[e], dtype=dtype, attention=o.attention, remat=o.remat))
         for e in EXPERTS
         if configs.get(e) is not None
     )
-    return WanI2VModules(
+    mods = WanI2VModules(
         experts=experts,
         **preset_components(configs, dtype, o),
         boundary_ratio=configs.get("boundary_ratio"),
+        image_encoder=encoder,
+        image_processor=processor,
         expand_timesteps=bool(configs.get("expand_timesteps", False)),
     )
+    try:
+        check_i2v(mods)
+    except ValueError as err:
+        raise ConfigError(f"model preset: {err}") from None
+    return mods
 
 
 def is_i2v_folder(folder: str) -> bool:
@@ -610,17 +630,12 @@ def wan_i2v_model(
         last=last,
     )
     if not isinstance(source, str):
-        model, _ = model_from_modules(
-            modules_from_configs(source, opts.dtype, **opts.modules()), images, rows, **kw
-        )
+        mods = modules_from_configs(source, opts.dtype, **opts.modules())
+        clip = clip_pixel_table(mods, prompt_sets, last)
+        model, _ = model_from_modules(mods, images, rows, clip=clip, **kw)
         return (model, *model.init(rng))
     mods, params = load_wan_i2v(source, **options)
-    clip = None
-    if mods.image_encoder is not None:
-        clip = clip_table(prompt_sets, mods.image_processor)
-        if last[1]:  # FLF2V: the last images' pixels after the first images'
-            extra = clip_table(prompt_sets, mods.image_processor, key="last_image")
-            clip = np.concatenate([clip, extra])
+    clip = clip_pixel_table(mods, prompt_sets, last)
     model, trained = model_from_modules(mods, images, rows, clip=clip, **kw)
     frozen = {"vae": params["vae"], "text": params["text"], **condition_tables(images, last)}
     if clip is not None:
@@ -628,6 +643,21 @@ def wan_i2v_model(
     nets = {name: params[name] for name, _ in mods.experts}
     trainable, frozen = split_experts(nets, frozen, lora, trained, rng)
     return model, trainable, frozen
+
+
+def clip_pixel_table(
+    m: WanI2VModules,
+    prompt_sets: Sequence[tuple[str, PromptSet]],
+    last: tuple[np.ndarray, Mapping[str, int]],
+) -> np.ndarray | None:
+    """The CLIP pixels `[N, S, S, 3]` of the conditioning images for a model with an image
+    encoder (FLF2V: the last images' rows after the first images'), else None."""
+    if m.image_encoder is None:
+        return None
+    clip = clip_table(prompt_sets, m.image_processor)
+    if last[1]:
+        clip = np.concatenate([clip, clip_table(prompt_sets, m.image_processor, key="last_image")])
+    return clip
 
 
 def condition_files(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:

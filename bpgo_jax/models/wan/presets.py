@@ -6,8 +6,10 @@ the transformer(s) of the published `*-Diffusers` folders (Wan2.2 A14B has
 two experts of one architecture: `transformer` denoises above the boundary
 timestep `boundary_ratio * 1000`, `transformer_2` below it), the VAE whose
 compression gives the latent shape, and whether the pipeline passes per-token timesteps
-(Wan2.2 TI2V-5B). `tiny` is a small model of the T2V structure for tests and
-CPU smoke runs. `param_shapes` describes a preset's parameter trees and
+(Wan2.2 TI2V-5B); Wan2.1 I2V / FLF2V presets add their CLIP `image_encoder`
+(a `VisionConfig` dict) and `image_processor` settings. `tiny` is a small model
+of the T2V structure for tests and CPU smoke runs, `tiny_i2v_21` / `tiny_flf2v`
+the same with Wan2.1's image branch. `param_shapes` describes a preset's parameter trees and
 `abstract_call` a transformer call at a video size, nothing allocated (for
 memory and FLOP estimates, e.g. `benchmarks/model_step.py`).
 """
@@ -50,6 +52,52 @@ _14B = dict(
     pos_embed_seq_len=None,
 )
 _I2V_21 = dict(_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120)  # + CLIP ViT-H
+# Wan2.1 I2V's image encoder, CLIP ViT-H/14 as transformers' CLIPVisionModel (the
+# folders' image_encoder/config.json), and its CLIPImageProcessor settings.
+_VIT_H14 = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=1024,
+)
+_CLIP_PROCESSOR = dict(
+    size={"shortest_edge": 224},
+    crop_size={"height": 224, "width": 224},
+    resample=3,
+    rescale_factor=1 / 255,
+    image_mean=[0.48145466, 0.4578275, 0.40821073],
+    image_std=[0.26862954, 0.26130258, 0.27577711],
+)
+_TINY = dict(
+    _14B,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=2,
+)
+# A 24-wide CLIP tower on 32 px crops: 17 tokens (16 patches + class) per frame.
+_TINY_VIT = dict(
+    hidden_size=24,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=16,
+)
+_TINY_PROCESSOR = dict(
+    _CLIP_PROCESSOR, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+)
+_TINY_I2V_21 = dict(_TINY, in_channels=36, image_dim=24, added_kv_proj_dim=32)
 _I2V_22 = dict(_14B, in_channels=36)  # no image branch in Wan2.2
 _VAE_21 = WanVAEConfig()  # AutoencoderKLWan (2.1): 4x temporal, 8x spatial, 16 channels
 _VAE_22 = WanVAEConfig(**WAN22_VAE_ARCH)  # Wan2.2's residual, patchified VAE: 16x, 48 channels
@@ -66,7 +114,16 @@ PRESETS: dict[str, dict] = {
         dict(_14B, num_attention_heads=12, ffn_dim=8960, num_layers=30), _VAE_21
     ),
     "wan21_t2v_14b": _preset(_14B, _VAE_21),
-    "wan21_i2v_14b": _preset(_I2V_21, _VAE_21),
+    "wan21_i2v_14b": _preset(
+        _I2V_21, _VAE_21, image_encoder=_VIT_H14, image_processor=_CLIP_PROCESSOR
+    ),
+    # FLF2V: the image embedder's learned position table over both frames' 257 tokens.
+    "wan21_flf2v_14b": _preset(
+        dict(_I2V_21, pos_embed_seq_len=2 * 257),
+        _VAE_21,
+        image_encoder=_VIT_H14,
+        image_processor=_CLIP_PROCESSOR,
+    ),
     "wan22_t2v_a14b": _preset(_14B, _VAE_21, transformer_2=_14B, boundary_ratio=0.875),
     "wan22_i2v_a14b": _preset(_I2V_22, _VAE_21, transformer_2=_I2V_22, boundary_ratio=0.9),
     "wan22_ti2v_5b": _preset(
@@ -81,17 +138,15 @@ PRESETS: dict[str, dict] = {
         _VAE_22,
         expand_timesteps=True,
     ),
-    "tiny": _preset(
-        dict(
-            _14B,
-            num_attention_heads=2,
-            attention_head_dim=16,
-            text_dim=32,
-            freq_dim=32,
-            ffn_dim=64,
-            num_layers=2,
-        ),
+    "tiny": _preset(_TINY, _VAE_21),
+    "tiny_i2v_21": _preset(
+        _TINY_I2V_21, _VAE_21, image_encoder=_TINY_VIT, image_processor=_TINY_PROCESSOR
+    ),
+    "tiny_flf2v": _preset(
+        dict(_TINY_I2V_21, pos_embed_seq_len=2 * 17),
         _VAE_21,
+        image_encoder=_TINY_VIT,
+        image_processor=_TINY_PROCESSOR,
     ),
 }
 
