@@ -32,22 +32,28 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from bpgo_jax.rewards.jpeg import jpeg_kilobytes
 
-_FOLDER = flags.DEFINE_string("folder", None, "diffusers SD folder.", required=True)
-_PROMPTS = flags.DEFINE_string("prompts", None, "Text file, one prompt per line.", required=True)
-_EPOCHS = flags.DEFINE_integer("epochs", 3, "RL epochs to run.")
-_THREADS = flags.DEFINE_integer("threads", 2, "torch.set_num_threads.")
-_STEPS = flags.DEFINE_integer("num_steps", 10, "DDIM steps (all trained).")
-_ETA = flags.DEFINE_float("eta", 1.0, "DDIM eta.")
-_PROMPTS_PER_EPOCH = flags.DEFINE_integer("prompts_per_epoch", 4, "Prompts per epoch.")
-_GROUP = flags.DEFINE_integer("group_size", 4, "Samples per prompt.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per UNet call in the rollout.")
-_MICRO = flags.DEFINE_integer("micro_batch_size", 8, "Rows per UNet call in the update.")
-_LR = flags.DEFINE_float("lr", 1e-5, "AdamW learning rate.")
-_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-4, "AdamW weight decay.")
-_CLIP_RANGE = flags.DEFINE_float("clip_range", 1e-4, "PPO ratio clip.")
-_ADV_CLIP = flags.DEFINE_float("adv_clip", 5.0, "Advantage clip.")
-_MAX_GRAD_NORM = flags.DEFINE_float("max_grad_norm", 1.0, "Global gradient-norm clip.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of noise, shuffles and prompts.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags, defined when it runs: tests import this module for
+    `ddim_step_with_logprob`, and module-level flags would join their process's."""
+    flags.DEFINE_string("folder", None, "diffusers SD folder.", required=True)
+    flags.DEFINE_string("prompts", None, "Text file, one prompt per line.", required=True)
+    flags.DEFINE_integer("epochs", 3, "RL epochs to run.")
+    flags.DEFINE_integer("threads", 2, "torch.set_num_threads.")
+    flags.DEFINE_integer("num_steps", 10, "DDIM steps (all trained).")
+    flags.DEFINE_float("eta", 1.0, "DDIM eta.")
+    flags.DEFINE_integer("prompts_per_epoch", 4, "Prompts per epoch.")
+    flags.DEFINE_integer("group_size", 4, "Samples per prompt.")
+    flags.DEFINE_integer("batch_size", 8, "Rows per UNet call in the rollout.")
+    flags.DEFINE_integer("micro_batch_size", 8, "Rows per UNet call in the update.")
+    flags.DEFINE_float("lr", 1e-5, "AdamW learning rate.")
+    flags.DEFINE_float("weight_decay", 1e-4, "AdamW weight decay.")
+    flags.DEFINE_float("clip_range", 1e-4, "PPO ratio clip.")
+    flags.DEFINE_float("adv_clip", 5.0, "Advantage clip.")
+    flags.DEFINE_float("max_grad_norm", 1.0, "Global gradient-norm clip.")
+    flags.DEFINE_integer("seed", 0, "Seed of noise, shuffles and prompts.")
 
 
 def ddim_step_with_logprob(
@@ -98,32 +104,32 @@ class CallCounter:
 
 def main(argv: list[str]) -> None:
     del argv
-    torch.set_num_threads(_THREADS.value)
-    torch.manual_seed(_SEED.value)
+    torch.set_num_threads(FLAGS.threads)
+    torch.manual_seed(FLAGS.seed)
     t0 = time.perf_counter()
-    folder = _FOLDER.value
+    folder = FLAGS.folder
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    scheduler.set_timesteps(_STEPS.value)
+    scheduler.set_timesteps(FLAGS.num_steps)
     for module in (text_encoder, vae):
         module.requires_grad_(False)
     optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=_LR.value, betas=(0.9, 0.999), weight_decay=_WEIGHT_DECAY.value,
+        unet.parameters(), lr=FLAGS.lr, betas=(0.9, 0.999), weight_decay=FLAGS.weight_decay,
         eps=1e-8,
     )  # fmt: skip
     counter = CallCounter(unet)
-    prompts = [p.strip() for p in Path(_PROMPTS.value).read_text().splitlines() if p.strip()]
-    rng = np.random.default_rng(_SEED.value)
-    gen = torch.Generator().manual_seed(_SEED.value)
+    prompts = [p.strip() for p in Path(FLAGS.prompts).read_text().splitlines() if p.strip()]
+    rng = np.random.default_rng(FLAGS.seed)
+    gen = torch.Generator().manual_seed(FLAGS.seed)
     setup_s = time.perf_counter() - t0
 
-    n, g, steps = _PROMPTS_PER_EPOCH.value, _GROUP.value, _STEPS.value
+    n, g, steps = FLAGS.prompts_per_epoch, FLAGS.group_size, FLAGS.num_steps
     latent = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     epochs = []
-    for _ in range(_EPOCHS.value):
+    for _ in range(FLAGS.epochs):
         counter.counts = {}
         t0 = time.perf_counter()
         counter.stage = "rollout"
@@ -132,8 +138,8 @@ def main(argv: list[str]) -> None:
         samples = []
         unet.eval()
         with torch.no_grad():
-            for start in range(0, len(rows), _BATCH.value):
-                batch = rows[start : start + _BATCH.value]
+            for start in range(0, len(rows), FLAGS.batch_size):
+                batch = rows[start : start + FLAGS.batch_size]
                 ids = tokenizer(
                     batch, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt",
@@ -144,7 +150,7 @@ def main(argv: list[str]) -> None:
                 for t in scheduler.timesteps:
                     t_rows = torch.full((len(batch),), int(t), dtype=torch.long)
                     eps = unet(x, t_rows, cond).sample
-                    x, log_prob = ddim_step_with_logprob(scheduler, eps, t_rows, x, _ETA.value,
+                    x, log_prob = ddim_step_with_logprob(scheduler, eps, t_rows, x, FLAGS.eta,
                                                          generator=gen)  # fmt: skip
                     latents.append(x)
                     log_probs.append(log_prob)
@@ -168,7 +174,7 @@ def main(argv: list[str]) -> None:
         counter.stage = "update"
         r = batch["rewards"].view(n, g)
         adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-8)).view(-1)
-        adv = adv.clamp(-_ADV_CLIP.value, _ADV_CLIP.value)
+        adv = adv.clamp(-FLAGS.adv_clip, FLAGS.adv_clip)
         total = len(rows)
         perm = torch.from_numpy(rng.permutation(total))
         # Each sample's timesteps in its own random order (ddpo-pytorch's shuffle).
@@ -180,22 +186,22 @@ def main(argv: list[str]) -> None:
             shuffled[k] = v.gather(1, index)
         adv = adv[perm]
         unet.train()
-        accumulated = (total // _MICRO.value) * steps
-        for start in range(0, total, _MICRO.value):
-            mb = {k: v[start : start + _MICRO.value] for k, v in shuffled.items()}
-            mb_adv = adv[start : start + _MICRO.value]
+        accumulated = (total // FLAGS.micro_batch_size) * steps
+        for start in range(0, total, FLAGS.micro_batch_size):
+            mb = {k: v[start : start + FLAGS.micro_batch_size] for k, v in shuffled.items()}
+            mb_adv = adv[start : start + FLAGS.micro_batch_size]
             for j in range(steps):
                 t = mb["timesteps"][:, j]
                 eps = unet(mb["latents"][:, j], t, mb["cond"]).sample
                 _, log_prob = ddim_step_with_logprob(
-                    scheduler, eps, t, mb["latents"][:, j], _ETA.value,
+                    scheduler, eps, t, mb["latents"][:, j], FLAGS.eta,
                     prev_sample=mb["next_latents"][:, j],
                 )  # fmt: skip
                 ratio = torch.exp(log_prob - mb["log_probs"][:, j])
-                clipped = torch.clamp(ratio, 1 - _CLIP_RANGE.value, 1 + _CLIP_RANGE.value)
+                clipped = torch.clamp(ratio, 1 - FLAGS.clip_range, 1 + FLAGS.clip_range)
                 loss = torch.maximum(-mb_adv * ratio, -mb_adv * clipped).mean()
                 (loss / accumulated).backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), _MAX_GRAD_NORM.value)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), FLAGS.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_s = time.perf_counter() - t0
@@ -213,4 +219,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

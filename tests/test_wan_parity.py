@@ -24,6 +24,7 @@ from flax import traverse_util
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import wan_folders  # noqa: E402
@@ -224,7 +225,11 @@ COUNTS = {
     "wan22_i2v_a14b": 14_288_901_184,
     "wan22_ti2v_5b": 4_999_787_712,
     "tiny": 40_864,
+    "wan21_flf2v_14b": 16_395_536_704,
+    "tiny_i2v_21": 49_224,
+    "tiny_flf2v": 50_040,
 }
+CLIP_COUNTS = {"wan21_i2v_14b": 630_766_080, "wan21_flf2v_14b": 630_766_080}  # ViT-H/14
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
@@ -246,6 +251,21 @@ def test_real_size_presets_match_diffusers(name):
     }
     assert ours == want
     assert sum(math.prod(s) for s in want.values()) == COUNTS[name]
+    if configs.get("image_encoder"):  # Wan2.1 I2V / FLF2V: the CLIP tower, as transformers'
+        from bpgo_jax.models.clip import CLIPVisionModel, VisionConfig
+        from bpgo_jax.models.clip.loaders import vision_inputs
+
+        with torch.device("meta"):
+            tower = transformers.CLIPVisionModel(
+                transformers.CLIPVisionConfig(**configs["image_encoder"])
+            )
+        vision = VisionConfig(**configs["image_encoder"])
+        shapes = jax.eval_shape(
+            lambda: CLIPVisionModel(vision).init(jax.random.key(0), vision_inputs(vision))
+        )
+        ours_n = sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))
+        assert ours_n == sum(p.numel() for p in tower.parameters())
+        assert name not in CLIP_COUNTS or ours_n == CLIP_COUNTS[name]
 
 
 def test_param_shapes_and_abstract_calls():
