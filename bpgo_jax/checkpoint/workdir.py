@@ -259,6 +259,15 @@ HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
 
 
+def _lock_owner(data: bytes) -> dict[str, Any]:
+    """A lock object's owner record; {} for a torn or foreign object (no heartbeat, so stale)."""
+    try:
+        owner = json.loads(data)
+    except ValueError:
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
 class ObjectStoreLock:
     """The lock of an object-store workdir: the object `WORKDIR/.lock`, created only if
     absent, holding its owner (host, pid, command, a random token) and a heartbeat time.
@@ -404,11 +413,7 @@ class ObjectStoreLock:
             return None
         except Exception as err:  # noqa: BLE001
             raise WorkdirError(f"cannot read the lock {self.path}: {_store_reason(err)}") from err
-        try:
-            owner = json.loads(data)
-        except ValueError:
-            return {}  # a torn or foreign object: no heartbeat, so stale
-        return owner if isinstance(owner, dict) else {}
+        return _lock_owner(data)
 
     def _create(self, owner: Mapping[str, Any]) -> None:
         fs, key = filesystem(self.path)
@@ -433,12 +438,8 @@ class ObjectStoreLock:
             return None, None
         except Exception as err:  # noqa: BLE001
             raise WorkdirError(f"cannot read the lock {self.path}: {_store_reason(err)}") from err
-        try:
-            owner = json.loads(data)
-        except ValueError:
-            owner = {}
         generation = {k.lower(): v for k, v in headers.items()}.get("x-goog-generation")
-        return (owner if isinstance(owner, dict) else {}), generation
+        return _lock_owner(data), generation
 
     def _write(self, owner: Mapping[str, Any], generation: str | None = None) -> bool:
         """Writes the lock; with a GCS `generation`, only if the object still has it.
