@@ -3,14 +3,17 @@
     python benchmarks/attention_check.py                    # GPU: cudnn vs xla; TPU: splash vs xla
     python benchmarks/attention_check.py --shapes=flux,wan  # some of the shapes below
     python benchmarks/attention_check.py --size=small --interpret   # CPU: splash interpreted
+    python benchmarks/attention_check.py --shapes=sd_bench --size=full --dtype=float32  # CPU
 
 Shapes are the attention calls of the models at their training sizes (`--size=full`,
 the default on an accelerator) or with sequences cut 16x (`--size=small`, the CPU
 default): FLUX.1 at 1024 px (4096 image + 512 text tokens, 24 heads x 128), SD3.5
 medium at 1024 px (4096 + 333, 24 x 64), Wan2.1-1.3B at 480x832x81 (32760 tokens,
-12 x 128), the SD1.5 UNet's first self-attention at 512 px (4096, 8 x 40) and T5's
-masked attention (512 tokens, 64 x 64). For every kernel the backend runs (and
-splash through the Pallas interpreter with `--interpret`) it prints the max abs
+12 x 128), the SD1.5 UNet's first self-attention at 512 px (4096, 8 x 40), T5's
+masked attention (512 tokens, 64 x 64) and the first self-attention of
+benchmarks/vs_pytorch.py's UNet (16x16 latents, batch 8, 8 x 8). For the blocked
+kernel and every kernel the backend runs (and splash through the Pallas
+interpreter with `--interpret`) it prints the max abs
 difference from XLA of the output and of the gradients of a fixed loss, both in
 `--dtype`, and the median milliseconds of a forward and of a forward + backward
 call ("bwd ms").
@@ -37,6 +40,7 @@ SHAPES = {
     "wan": (1, 32760, 32760, 12, 128, False),
     "sd15": (2, 4096, 4096, 8, 40, False),
     "t5": (4, 512, 512, 64, 64, True),
+    "sd_bench": (8, 256, 256, 8, 8, False),
 }
 
 
@@ -62,7 +66,7 @@ def kernels(interpret: bool) -> list[str]:
     extra = {"gpu": ["cudnn"], "tpu": ["splash"]}.get(backend, [])
     if interpret and "splash" not in extra:
         extra.append("splash")
-    return ["xla", *extra]
+    return ["xla", "blocked", *extra]
 
 
 def check(name: str, shape: tuple, *, dtype, iters: int, interpret: bool, divide: int) -> list[str]:

@@ -1,6 +1,6 @@
-"""The attention dispatch (`models.attention`): XLA exactly as before, splash (run by the
-Pallas interpreter on CPU) and cuDNN (GPU only) against XLA, backend errors, and the SD /
-CLIP modules taking the configured kernel."""
+"""The attention dispatch (`models.attention`): XLA exactly as `jax.nn`, the CPU's blocked
+kernel, splash (run by the Pallas interpreter on CPU) and cuDNN (GPU only) against XLA,
+backend errors, and the SD / CLIP modules taking the configured kernel."""
 
 from __future__ import annotations
 
@@ -39,19 +39,110 @@ def _reference(q, k, v, mask=None, bias=None, causal=False, scale=None):
     return np.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-def test_auto_on_cpu_is_jax_attention_bit_for_bit():
-    """What keeps the SD UNet and CLIP towers bit-identical to their pre-dispatch outputs."""
+def test_xla_is_jax_attention_bit_for_bit():
     q, k, v = _qkv()
     for causal in (False, True):
         want = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-        np.testing.assert_array_equal(attention(q, k, v, causal=causal), want)
-        jitted = jax.jit(lambda q, k, v, c=causal: attention(q, k, v, causal=c))
+        xla = lambda q, k, v, c=causal: attention(q, k, v, causal=c, implementation="xla")
+        np.testing.assert_array_equal(xla(q, k, v), want)
+        jitted = jax.jit(xla)
         np.testing.assert_array_equal(
             jitted(q, k, v),
             jax.jit(jax.nn.dot_product_attention, static_argnames="is_causal")(
                 q, k, v, is_causal=causal
             ),
         )
+
+
+def _grads(fn, q, k, v):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v).astype(jnp.float32)))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+@pytest.mark.parametrize("budget", [10**9, 2 * 2 * 5 * 7, 1])  # one block, 2 heads, 1 head
+def test_blocked_matches_attention_with_masks_causal_scale_and_gradients(budget):
+    from bpgo_jax.models.attention import blocked
+
+    q, k, v = _qkv(b=2, lq=5, lk=7, h=4)
+    rng = np.random.default_rng(1)
+    key_mask = rng.random((2, 7)) > 0.3
+    key_mask[:, 0] = True
+    head_mask = rng.random((2, 4, 5, 7)) > 0.2  # a mask per head: split with the heads
+    head_mask[..., 0] = True
+    shared_mask = rng.random((1, 1, 5, 7)) > 0.2
+    shared_mask[..., 0] = True
+    cases = [
+        {},
+        dict(mask=key_mask[:, None, None, :]),
+        dict(mask=head_mask),
+        dict(mask=shared_mask, scale=0.3),
+        dict(causal=True, scale=0.5),
+        dict(mask=head_mask, causal=True),
+    ]
+    for kw in cases:
+        mask = None if "mask" not in kw else jnp.asarray(kw["mask"])
+        opts = dict(mask=mask, causal=kw.get("causal", False), scale=kw.get("scale"))
+        ours = lambda q, k, v, o=opts: blocked(q, k, v, budget=budget, **o)
+        xla = lambda q, k, v, o=opts: attention(q, k, v, implementation="xla", **o)
+        got = jax.jit(ours)(q, k, v)
+        np.testing.assert_allclose(got, _reference(q, k, v, **kw), atol=2e-6, err_msg=str(kw))
+        for a, b in zip(_grads(ours, q, k, v), _grads(xla, q, k, v), strict=True):
+            np.testing.assert_allclose(a, b, atol=3e-6, err_msg=str(kw))
+
+
+def test_blocked_takes_grouped_heads_bfloat16_and_a_fully_masked_row():
+    from bpgo_jax.models.attention import blocked
+
+    q, _, _ = _qkv(b=2, lq=6, lk=6, h=4)
+    _, k, v = _qkv(b=2, lq=6, lk=6, h=2, seed=1)  # 2 key heads for 4 query heads
+    xla = attention(q, k, v, implementation="xla")
+    np.testing.assert_allclose(blocked(q, k, v, budget=1), xla, atol=2e-6)
+    for ours, want in zip(
+        _grads(lambda *x: blocked(*x, budget=1), q, k, v),
+        _grads(lambda *x: attention(*x, implementation="xla"), q, k, v),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ours, want, atol=3e-6)
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    got = blocked(*half)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32),
+        np.asarray(attention(*half, implementation="xla"), np.float32),
+        atol=2e-2,
+    )
+    nothing = jnp.zeros((2, 6), bool).at[0].set(True)  # batch row 1 attends to no key
+    kw = dict(mask=nothing[:, None, None, :])
+    np.testing.assert_allclose(
+        blocked(q, k, v, **kw), attention(q, k, v, implementation="xla", **kw), atol=2e-6
+    )
+    for grad in _grads(lambda *x: blocked(*x, **kw), q, k, v):
+        assert np.isfinite(np.asarray(grad)).all()
+
+
+def test_blocked_under_remat_names_and_a_batch_sharded_mesh():
+    """`model.remat="names"` saves its output and logsumexp, the gradient unchanged; under a
+    mesh that shards the batch the loop over heads keeps the batch sharded."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from bpgo_jax.models.attention import blocked
+    from bpgo_jax.models.scan import remat_policy
+
+    q, k, v = _qkv(b=8, lq=16, lk=16, h=4, seed=8)
+    fn = lambda q, k, v: blocked(q, k, v, budget=8 * 16 * 16)  # four blocks of one head
+    want = _grads(fn, q, k, v)
+    remat = jax.checkpoint(fn, policy=remat_policy("names"))
+    for a, b in zip(_grads(remat, q, k, v), want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    mesh = mesh_lib.make_mesh((4, 2))
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    args = jax.device_put((q, k, v), batch)
+    out = jax.jit(mesh_lib.on_mesh(fn, mesh))(*args)
+    assert out.sharding.is_equivalent_to(batch, 4)
+    np.testing.assert_allclose(out, fn(q, k, v), atol=1e-6)
+    for a, b in zip(_grads(mesh_lib.on_mesh(fn, mesh), *args), want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_xla_masks_bias_and_scale():
@@ -76,7 +167,7 @@ def test_xla_masks_bias_and_scale():
 
 
 def test_backend_choice_and_errors():
-    assert [resolve("auto", b) for b in ("cpu", "gpu", "tpu")] == ["xla", "cudnn", "splash"]
+    assert [resolve("auto", b) for b in ("cpu", "gpu", "tpu")] == ["blocked", "cudnn", "splash"]
     assert resolve("splash", "cpu", interpret=True) == "splash"
     with pytest.raises(ConfigError, match="model.attention='cudnn' needs a GPU.*'cpu'"):
         resolve("cudnn", "cpu")

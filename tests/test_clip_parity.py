@@ -210,7 +210,7 @@ def test_sharding_fn_places_every_leaf(clip_folder):
     np.testing.assert_allclose(
         np.asarray(module.apply({"params": params}, jnp.asarray(ids))[1]),
         np.asarray(module.apply({"params": ref}, jnp.asarray(ids))[1]),
-        atol=1e-6,
+        atol=5e-6,  # heads split over 8 devices sum in another order
     )
 
 

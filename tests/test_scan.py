@@ -4,6 +4,7 @@ programs, remat policies, and stacked parameter paths in LoRA, the mesh rules an
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 
 import flax.linen as nn
@@ -114,20 +115,33 @@ def test_program_size_does_not_grow_with_depth():
 
 
 class SmallBlock(nn.Module):
-    """Attention and a dense layer: enough for every remat policy to differ, cheap to compile."""
+    """Attention and a dense layer: enough for every remat policy to differ, cheap to compile.
+    XLA's attention keeps its softmax for the backward, so that "dots" has more to drop."""
+
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, temb, rope):
-        h = dit.Attention(HEADS, DIM // HEADS, out_dim=DIM, qk_norm=None, name="attn")(x)
+        h = dit.Attention(
+            HEADS, DIM // HEADS, out_dim=DIM, qk_norm=None, attention=self.attention, name="attn"
+        )(x)
         return x + jnp.tanh(nn.Dense(DIM, name="mlp")(h) * temb[:, None])
 
 
 class SmallStack(nn.Module):
     remat: str = "none"
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, temb):
-        return Stack(SmallBlock, 2, remat=self.remat, name="blocks")(x, temb, None)
+        block = functools.partial(SmallBlock, attention=self.attention)
+        return Stack(block, 2, remat=self.remat, name="blocks")(x, temb, None)
+
+
+def _saved_residuals(loss, *args) -> list[str]:
+    with contextlib.redirect_stdout(io.StringIO()) as out:  # one residual a line
+        print_saved_residuals(loss, *args)
+    return out.getvalue().splitlines()
 
 
 def test_remat_policies_give_the_same_gradients_and_save_less():
@@ -136,11 +150,7 @@ def test_remat_policies_give_the_same_gradients_and_save_less():
     losses = {policy: _loss(SmallStack(policy)) for policy in REMAT_POLICIES}
     # One program for the four gradients: one compilation.
     grads = jax.jit(lambda p: {k: jax.grad(f)(p, x, t) for k, f in losses.items()})(params)
-    saved = {}
-    for policy, loss in losses.items():
-        with contextlib.redirect_stdout(io.StringIO()) as out:  # one residual a line
-            print_saved_residuals(loss, params, x, t)
-        saved[policy] = len(out.getvalue().splitlines())
+    saved = {policy: len(_saved_residuals(loss, params, x, t)) for policy, loss in losses.items()}
     for policy in REMAT_POLICIES[1:]:
         for a, b in zip(
             jax.tree.leaves(grads[policy]), jax.tree.leaves(grads["none"]), strict=True
@@ -149,6 +159,11 @@ def test_remat_policies_give_the_same_gradients_and_save_less():
     # "names" keeps what "full" keeps plus the tagged attention outputs; "none" keeps the most.
     assert saved["full"] < saved["names"] < saved["none"]
     assert saved["dots"] < saved["none"]
+    # The CPU's blocked kernel keeps its logsumexp, not its [B, H, L, L] softmax.
+    blocked = _saved_residuals(_loss(SmallStack(attention="blocked")), params, x, t)
+    xla = _saved_residuals(losses["none"], params, x, t)
+    softmax = ",6,6]"  # [..., L, L]
+    assert any(softmax in line for line in xla) and not any(softmax in line for line in blocked)
     with pytest.raises(ConfigError, match="model.remat='some'"):
         SmallStack("some").init(jax.random.key(0), x, t)
 
