@@ -2,6 +2,7 @@
 
     python benchmarks/gradient_item.py
     python benchmarks/gradient_item.py --batch=16 --remat=false --profile
+    python benchmarks/gradient_item.py --attention=xla
 
 On benchmarks/vs_pytorch.py's UNet (written to a temp folder, or read from
 `--folder`): the median time of the UNet's forward pass and of its gradient
@@ -32,6 +33,9 @@ from absl import app, flags  # noqa: E402
 _FOLDER = flags.DEFINE_string("folder", None, "SD folder (default: write the benchmark's).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows per call.")
 _REMAT = flags.DEFINE_bool("remat", True, "Forward under jax.checkpoint, as the update.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "auto", ["auto", "xla", "blocked"], "model.attention (auto: blocked on CPU)."
+)
 _THREADS = flags.DEFINE_integer("threads", os.cpu_count() or 1, "torch threads.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls after the first.")
 _PROFILE = flags.DEFINE_bool("profile", False, "XLA's per-operation time of the gradient.")
@@ -50,7 +54,7 @@ def _median_ms(fn, repeats: int) -> tuple[float, float]:
     return 1000 * first, 1000 * statistics.median(times)
 
 
-def jax_item(folder: str, batch: int, remat: bool):
+def jax_item(folder: str, batch: int, remat: bool, attention: str = "auto"):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -60,6 +64,7 @@ def jax_item(folder: str, batch: int, remat: bool):
 
     cfg = get_config().model
     cfg.init = folder
+    cfg.attention = attention
     model, trainable, frozen = build_model(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, *model.latent_shape)), jnp.float32)
@@ -136,7 +141,7 @@ def main(argv: list[str]) -> None:
         root = Path(tempfile.mkdtemp(prefix="gradient_item_"))
         folder = save_sd_pipeline(root, UNET_6M)["folder"]
     b, n = _BATCH.value, _REPEATS.value
-    forward, grad = jax_item(folder, b, _REMAT.value)
+    forward, grad = jax_item(folder, b, _REMAT.value, _ATTENTION.value)
     rows = [("bpgo-jax" + (" (remat)" if _REMAT.value else ""), forward, grad)]
     rows.append((f"PyTorch, {_THREADS.value} thread(s)", *torch_item(folder, b, _THREADS.value)))
     print(f"batch {b}, ms: first call / median of {n}")

@@ -2,6 +2,7 @@
 
     python benchmarks/vs_pytorch.py
     python benchmarks/vs_pytorch.py --repeats=3 --epochs=3 --threads=2
+    python benchmarks/vs_pytorch.py --attention=xla   # XLA's attention kernel on our side
 
 Writes a random SD-layout diffusers folder (a 5.8 M-parameter UNet with
 blocks 64/128/128 on 16x16x4 latents, a tiny VAE and CLIP text encoder), then
@@ -48,6 +49,9 @@ _EPOCHS = flags.DEFINE_integer("epochs", 3, "Epochs per run (the first is report
 _THREADS = flags.DEFINE_integer("threads", os.cpu_count() or 1, "torch threads of the peer.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the model and runs (a temp dir).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 1, "Our --cpu_devices.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "auto", ["auto", "xla", "blocked"], "Our model.attention (auto: blocked on CPU)."
+)
 _OMP_WAIT = flags.DEFINE_string(
     "omp_wait_policy", "PASSIVE", "The peer's OMP_WAIT_POLICY ('' leaves torch's default)."
 )
@@ -147,6 +151,7 @@ def run_ours(folder: str, prompts: Path, workdir: Path, epochs: int, cache: Path
         f"--config.model.init={folder}",
         f"--config.prompts.path={prompts}",
         f"--config.train.num_epochs={epochs}",
+        f"--config.model.attention={_ATTENTION.value}",
         f"--cpu_devices={_CPU_DEVICES.value}",
         f"--config.mesh.num_devices={_CPU_DEVICES.value}",  # a data-parallel mesh over them
         "--config.mesh.shape=(-1,1)",

@@ -84,7 +84,7 @@ def define_flags() -> None:
     flags.DEFINE_enum(
         "attention",
         "",
-        ["", "auto", "xla", "cudnn", "splash"],
+        ["", "auto", "xla", "blocked", "cudnn", "splash"],
         "Attention kernel to compile with, in place of config.model.attention ('': the "
         "config's; also for configs whose model block lacks the field).",
     )

@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
         # projection (targets: regexes, default all) over a frozen UNet.
         lora=dict(rank=0, alpha=0.0, targets=()),
         scheduler=ml_collections.config_dict.placeholder(dict),
-        # Attention kernel: auto | xla | cudnn (GPU) | splash (TPU); see models/attention.py.
+        # Attention kernel: auto | xla | blocked | cudnn (GPU) | splash (TPU); models/attention.py.
         attention="auto",
         # Rematerialisation of scanned DiT blocks: none | full | dots | names.
         remat="none",

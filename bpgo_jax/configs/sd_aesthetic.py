@@ -55,7 +55,7 @@ def sd_config() -> ml_collections.ConfigDict:
                 alpha=4.0,
                 targets=(r".*/attn[12]/(to_q|to_k|to_v|to_out_0)/kernel",),
             ),
-            # Attention kernel: auto | xla | cudnn (GPU) | splash (TPU); models/attention.py.
+            # Attention kernel: auto | xla | blocked | cudnn | splash; models/attention.py.
             attention="auto",
             remat="none",  # the UNet is not scanned: "none" only
             # Overrides of the folder's scheduler config; None keeps the folder's value.

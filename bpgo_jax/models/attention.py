@@ -73,7 +73,7 @@ def check_implementation(implementation: str) -> None:
 
 
 def resolve(implementation: str, backend: str | None = None, *, interpret: bool = False) -> str:
-    """The kernel family (`xla`, `cudnn`, `splash`) that `implementation` means on `backend`.
+    """The kernel (`xla`, `blocked`, `cudnn`, `splash`) that `implementation` means on `backend`.
 
     `backend` defaults to `jax.default_backend()`; `interpret=True` runs the
     splash kernel through the Pallas interpreter (any backend; tests).
