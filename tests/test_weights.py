@@ -13,6 +13,7 @@ import ml_collections
 import msgpack
 import numpy as np
 import pytest
+from flax import traverse_util
 from tiny_config import tiny_config
 
 torch = pytest.importorskip("torch")
@@ -426,3 +427,52 @@ def test_torch_names_invert_flax_paths():
     assert weights.flax_path("blocks.10.ffn.2.bias") == ("blocks_10", "ffn_2", "bias")
     assert weights.torch_shape("kernel", (2, 3, 3, 4, 6)) == (6, 4, 2, 3, 3)
     assert weights.torch_shape("kernel", (4, 6)) == (6, 4)
+
+
+def test_a_split_tensor_is_read_by_slice_each_slice_once(tmp_path, monkeypatch):
+    """A kernel split over 4 of 8 devices (replicated over the other 2) is read as its 4
+    quarters, in every stored dtype and layout, and equals the whole read."""
+    rng = np.random.default_rng(0)
+    stored = {
+        "proj.weight": torch.tensor(rng.standard_normal((16, 8)), dtype=torch.float32),
+        "conv.weight": torch.tensor(rng.standard_normal((16, 4, 3, 3))).bfloat16(),
+        "conv.bias": torch.tensor(rng.standard_normal(16), dtype=torch.float16),
+        "scale": torch.tensor(2.5),
+    }
+    path = _save(stored, tmp_path / "split.safetensors")
+    expected = {
+        ("proj", "kernel"): jax.ShapeDtypeStruct((8, 16), jnp.float32),
+        ("conv", "kernel"): jax.ShapeDtypeStruct((3, 3, 4, 16), jnp.float32),
+        ("conv", "bias"): jax.ShapeDtypeStruct((16,), jnp.float32),
+        ("scale",): jax.ShapeDtypeStruct((), jnp.float32),
+    }
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
+
+    def sharding_fn(path, shape):  # the last (output) axis over "a"
+        spec = (None,) * (len(shape) - 1) + ("a",) if shape else ()
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+    reads = []
+    read_slice = weights.TensorReader.read_slice
+
+    def counted(self, name, index):
+        part = read_slice(self, name, index)
+        reads.append((name, part.shape))
+        return part
+
+    monkeypatch.setattr(weights.TensorReader, "read_slice", counted)
+    with weights.open_tensors(path) as reader:
+        sharded = weights.read_params(reader, expected, sharding_fn=sharding_fn)
+        whole = weights.read_params(reader, expected)
+    assert sorted(reads) == sorted(
+        [("proj.weight", (4, 8))] * 4 + [("conv.weight", (4, 4, 3, 3))] * 4
+        + [("conv.bias", (4,))] * 4
+    )  # fmt: skip
+    flat_sharded = traverse_util.flatten_dict(sharded)
+    for key, value in traverse_util.flatten_dict(whole).items():
+        assert flat_sharded[key].sharding.spec == sharding_fn(key, value.shape).spec
+        np.testing.assert_array_equal(np.asarray(flat_sharded[key]), np.asarray(value))
+    np.testing.assert_array_equal(
+        np.asarray(whole["conv"]["kernel"]),
+        stored["conv.weight"].float().numpy().transpose(2, 3, 1, 0),
+    )

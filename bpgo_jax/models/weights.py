@@ -21,7 +21,10 @@ become Flax's (Linear `[out, in]` -> `[in, out]`; Conv `[O, I, *K]` ->
 `[*K, I, O]` for 1-, 2- and 3-D kernels, e.g. OIHW -> HWIO, OIDHW -> DHWIO).
 Unknown, missing and mis-shaped tensors fail naming the checkpoint key and
 its file. Each tensor is cast and placed on `sharding_fn(path, shape)` as
-soon as it is read, so the host holds one tensor, never the whole model.
+soon as it is read, so the host holds one tensor, never the whole model; a
+tensor split over devices is read by slice (memory-mapped), each distinct
+slice once, and only the slices this process's devices hold, so the hosts of
+a pod share the reading of an fsdp-sharded model.
 `read_stacked_params` does the same for modules with scanned stacks
 (`models/scan.py`), stacking per-index tensors into `.../stacked/...` ones.
 """
@@ -71,6 +74,18 @@ _RAW_DTYPES = {  # safetensors dtypes numpy lacks
     "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn,
     "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+_DTYPES = {  # every safetensors dtype, for reading slices from the file's bytes
+    **_RAW_DTYPES,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 _MAX_LISTED = 8  # missing names listed in one message
 
@@ -235,18 +250,37 @@ class TensorReader:
             return self._from_bytes(path, name, _RAW_DTYPES[dtype])
         return handle.get_tensor(name)
 
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`get(name)[index]`, reading only the bytes the slice covers (a memory map)."""
+        path, _ = self._entry(name)
+        start, header = self._header(path)
+        entry = header[name]
+        shape = tuple(entry["shape"])
+        if entry["dtype"] not in _DTYPES:
+            raise WeightsError(f"tensor {name!r} in {path} has dtype {entry['dtype']}")
+        if not shape:
+            return self.get(name)
+        begin, _ = entry["data_offsets"]
+        data = np.memmap(
+            path, dtype=_DTYPES[entry["dtype"]], mode="r", offset=start + begin, shape=shape
+        )
+        return np.array(data[index])
+
     def _entry(self, name: str) -> tuple[str, Any]:
         if name not in self._handles:
             raise WeightsError(f"missing tensor {name!r} in {self.source}")
         return self._handles[name]
 
-    def _from_bytes(self, path: str, name: str, dtype: Any) -> np.ndarray:
-        """One tensor from the raw file: 8-byte header size, JSON header, then the data."""
+    def _header(self, path: str) -> tuple[int, dict]:
+        """A file's data start and JSON header: 8-byte header size, header, then the data."""
         if path not in self._headers:
             with open(path, "rb") as f:
                 (size,) = struct.unpack("<Q", f.read(8))
                 self._headers[path] = (8 + size, json.loads(f.read(size)))
-        start, header = self._headers[path]
+        return self._headers[path]
+
+    def _from_bytes(self, path: str, name: str, dtype: Any) -> np.ndarray:
+        start, header = self._header(path)
         begin, end = header[name]["data_offsets"]
         with open(path, "rb") as f:
             f.seek(start + begin)
@@ -371,6 +405,13 @@ def to_flax_layout(arr: np.ndarray, leaf: str, want: tuple[int, ...]) -> np.ndar
     return arr
 
 
+def flax_axes(leaf: str, ndim: int) -> tuple[int, ...]:
+    """The torch axes in the order `to_flax_layout` puts them (for a `want` of `ndim` axes)."""
+    if leaf != "kernel" or ndim < 2:
+        return tuple(range(ndim))
+    return (*range(2, ndim), 1, 0)
+
+
 def torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The torch-layout shape of a Flax parameter (inverse of `to_flax_layout`)."""
     if leaf != "kernel" or len(flax_shape) < 2:
@@ -387,11 +428,41 @@ def place(arr: np.ndarray, path: Path, dtype: Any, sharding_fn: ShardingFn | Non
     `device_put` of a global sharding may send the whole of it to every
     device before slicing.
     """
+    sharding = None if sharding_fn is None else sharding_fn(path, tuple(arr.shape))
+    return _place_on(arr, dtype, sharding)
+
+
+def _place_on(arr: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
     arr = np.asarray(arr.astype(jnp.dtype(dtype), copy=False), order="C")
-    if sharding_fn is None:
+    if sharding is None:
         return jax.device_put(arr)
-    sharding = sharding_fn(path, arr.shape)
     return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
+
+
+def place_slices(
+    reader: TensorReader,
+    key: str,
+    leaf: str,
+    want: tuple[int, ...],
+    dtype: Any,
+    sharding: jax.sharding.Sharding,
+) -> jax.Array:
+    """Tensor `key` placed on `sharding` (`want`: its Flax-layout shape) from the slices
+    this process's devices hold, each distinct slice read from the file once."""
+    axes = flax_axes(leaf, len(want))
+    read: dict[tuple, np.ndarray] = {}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        bounds = tuple(s.indices(n)[:2] for s, n in zip(index, want, strict=True))
+        if bounds not in read:
+            torch_index = [slice(None)] * len(want)
+            for flax_axis, torch_axis in enumerate(axes):
+                torch_index[torch_axis] = index[flax_axis]
+            part = reader.read_slice(key, tuple(torch_index)).transpose(axes)
+            read[bounds] = np.asarray(part.astype(jnp.dtype(dtype), copy=False), order="C")
+        return read[bounds]
+
+    return jax.make_array_from_callback(want, sharding, shard)
 
 
 def read_params(
@@ -429,6 +500,17 @@ def read_params(
                 f"{'/'.join(path)}"
             )
         want = tuple(expected[path].shape)
+        keys[path] = key
+        sharding = None if sharding_fn is None else sharding_fn(prefix + path, want)
+        sliced = (
+            sharding is not None
+            and not sharding.is_fully_replicated
+            and isinstance(reader, TensorReader)
+            and reader.shape(key) == torch_shape(path[-1], want)  # no Linear <-> 1x1 conv
+        )
+        if sliced:
+            params[path] = place_slices(reader, key, path[-1], want, dtype, sharding)
+            continue
         raw = reader.get(key)
         arr = to_flax_layout(raw, path[-1], want)
         if arr.shape != want:
@@ -436,8 +518,7 @@ def read_params(
                 f"tensor {reader.describe(key)} has shape {tuple(raw.shape)}, expected "
                 f"{torch_shape(path[-1], want)} (the model config expects {want} in Flax layout)"
             )
-        params[path] = place(arr, prefix + path, dtype, sharding_fn)
-        keys[path] = key
+        params[path] = _place_on(arr, dtype, sharding)
     missing = [torch_name(p, not_an_index) for p in expected if p not in params]
     if missing:
         more = len(missing) - _MAX_LISTED
