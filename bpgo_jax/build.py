@@ -32,10 +32,11 @@ from bpgo_jax.config import check_inputs, validate
 from bpgo_jax.errors import ConfigError, WorkdirError
 from bpgo_jax.models import build_model
 from bpgo_jax.parallel import mesh as mesh_lib
+from bpgo_jax.parallel.host import from_host
 from bpgo_jax.prompts import PromptSet, check_prompt_lengths
 from bpgo_jax.rewards import RewardSet, build_reward_set
 from bpgo_jax.rollout import samplers
-from bpgo_jax.rollout.step import Rollout, from_host, generate, jit_rollout_step
+from bpgo_jax.rollout.step import Rollout, generate, jit_rollout_step
 from bpgo_jax.update.step import TrainState, UpdateStep, jit_shuffle, make_optimizer, step_options
 
 log = logging.getLogger("bpgo_jax")

@@ -36,9 +36,9 @@ from bpgo_jax.checkpoint import (
 )
 from bpgo_jax.errors import DivergedError, Preempted
 from bpgo_jax.logs import RunLogger
-from bpgo_jax.parallel.host import to_host
+from bpgo_jax.parallel.host import from_host, to_host
 from bpgo_jax.prompts import prompt_ids
-from bpgo_jax.rollout.step import Rollout, from_host
+from bpgo_jax.rollout.step import Rollout
 from bpgo_jax.runtime import any_process
 from bpgo_jax.update.loss import PolicyBatch
 from bpgo_jax.update.step import TrainState

@@ -16,10 +16,10 @@ import logging
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bpgo_jax.parallel.host import from_host, to_host
 from bpgo_jax.parallel.mesh import on_mesh
 from bpgo_jax.prompts import PromptSet
 from bpgo_jax.rewards import RewardSet
@@ -59,14 +59,18 @@ def first_frame_priors(
     if len(frames) != len(ids):
         raise ValueError(f"{len(frames)} frames for {len(ids)} prompts")
     score = jax.jit(on_mesh(reward_set.score_jittable, mesh))
+    # Every process computes every clip: inputs replicated on the mesh the params are on
+    # (in a multi-process run a host array would sit on this process's devices only).
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    place = lambda tree: jax.device_put(tree) if mesh is None else from_host(tree, replicated)
     out = []
     for start in range(0, len(ids), batch_size):
         rows = ids[start : start + batch_size]
         clips = static_clips(frames[start : start + batch_size], num_frames)
         prompts = [prompt_set.prompts[i] for i in rows]
         metadata = [prompt_set.metadata[i] for i in rows]
-        aux = reward_set.prepare(prompts, metadata)
-        parts = {k: np.asarray(v) for k, v in score(reward_params, jnp.asarray(clips), aux).items()}
+        aux = jax.tree.map(np.asarray, reward_set.prepare(prompts, metadata))
+        parts = to_host(score(reward_params, place(clips), place(aux)))
         parts.update(reward_set.score_host(clips, prompts, metadata))
         out.append(np.asarray(reward_set.total(parts), np.float32))
     return np.concatenate(out)

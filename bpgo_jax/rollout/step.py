@@ -154,30 +154,6 @@ def local_rows(batch_sharding: NamedSharding, num_rows: int) -> np.ndarray:
     return np.concatenate([np.arange(lo, hi) for lo, hi in starts]).astype(np.int32)
 
 
-def from_host(tree: Any, shardings: Any) -> Any:
-    """`tree` placed on `shardings` (a matching tree, or one sharding for all), for
-    values every process holds alike (a seeded init, config constants, the
-    epoch's prompt ids): the inverse of `to_host`.
-
-    One process: `jax.device_put`. Several: each process fills its own
-    devices' shards; `jax.device_put` would first compare the value across
-    processes with an all-gather per leaf (a collective and a compilation
-    each). Leaves that are already global arrays are resharded.
-    """
-    if jax.process_count() == 1:
-        return jax.device_put(tree, shardings)
-
-    def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return jax.device_put(x, sharding)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: put(x, shardings), tree)
-    return jax.tree.map(put, tree, shardings)
-
-
 def generate(
     step_fn,
     prompt_set: PromptSet,
