@@ -13,9 +13,9 @@ them) and is what the SD UNet, the CLIP towers and the DiTs call;
   each group's softmax stays in the CPU's caches, with a flash-style
   backward: only the logsumexp is kept, the probabilities are recomputed,
   and every matrix product is laid out as XLA:CPU's fast kernels take it
-  (transposed-left products run on a slow generic loop there). For SD's
-  16x16-latent self-attention it is 2-3x faster than "xla" forward and
-  backward (docs/performance.md). An additive `bias` runs on "xla".
+  (transposed-left products run on a slow generic loop there): faster than
+  "xla" on CPU forward and backward, and it never holds the whole softmax
+  (docs/performance.md). An additive `bias` runs on "xla".
 - "cudnn": cuDNN flash attention through `jax.nn.dot_product_attention(
   implementation="cudnn")`, GPU only. It computes in bfloat16 (float32
   inputs are cast, the output cast back); head dims must be multiples of 8
@@ -62,8 +62,8 @@ IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "splash")
 _NEEDS = {"cudnn": "gpu", "splash": "tpu"}
 _LANES = 128  # TPU vector lanes: splash's block and head-dim granularity
 _MAX_BLOCK = 512  # splash block size for long sequences
-# Logits per block of the "blocked" kernel (4 MB of float32): best or near it for SD's
-# 256 x 256 and 256 x 77 attentions at batch 8-16 on a 2-core Xeon (docs/performance.md).
+# Logits per block of the "blocked" kernel (4 MB of float32; the block-size measurement
+# is in docs/performance.md).
 BLOCK_LOGITS = 2**20
 
 
